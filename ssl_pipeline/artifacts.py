@@ -1,0 +1,140 @@
+"""Content-addressed artifact cache: ``<cache_dir>/<stage>/<key>/``.
+
+The key of a stage is a hash of its own config plus its upstream stage's key,
+so changing the backbone invalidates everything downstream while sweeping a
+pseudo-label knob reuses the embeddings and the kNN graph.
+
+Writes are atomic: a stage writes into ``<key>.tmp-<pid>/``; on success a
+``_COMPLETE`` marker is written and the folder is renamed to ``<key>/``. A stage
+that works in resumable pieces (encode) keeps them in ``<key>.partial/`` across
+runs; an interrupted run picks them up again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MARKER = "_COMPLETE"
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """A short hex digest of a JSON-serialisable object (keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+class ArtifactCache:
+    """The on-disk cache of stage outputs under ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    def key(self, stage: str, config: Any, upstream: str | None = None) -> str:
+        return stable_hash({"stage": stage, "config": config, "upstream": upstream})
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def partial_path(self, stage: str, key: str) -> Path:
+        """A folder for resumable pieces of an unfinished stage (kept across runs)."""
+        p = self.root / stage / f"{key}.partial"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / MARKER).exists()
+
+    def commit(self, stage: str, key: str, src: Path, meta: dict | None = None) -> Path:
+        """Mark ``src`` complete and move it to the final location; return that path.
+
+        If a complete entry already exists (a concurrent run finished first, or
+        the stage was forced), the new one replaces it atomically enough: the old
+        folder is renamed away before the new one is renamed in.
+        """
+        write_json(src / MARKER, meta or {})
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            trash = final.with_name(f"{key}.old-{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(src, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(src, final)
+        return final
+
+    @contextmanager
+    def writing(self, stage: str, key: str) -> Iterator[Path]:
+        """Yield a fresh temp folder; commit it on success, delete it on failure."""
+        tmp = self.root / stage / f"{key}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.commit(stage, key, tmp)

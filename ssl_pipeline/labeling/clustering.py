@@ -1,0 +1,104 @@
+"""faiss k-means with an automatically chosen number of clusters.
+
+``choose_n_clusters`` fits spherical k-means on a sample for a geometric grid of
+cluster counts and keeps the count with the best cosine silhouette on a
+sub-sample; ``kmeans`` fits on at most ``max_sample`` rows and assigns the rest
+by nearest centroid, so memory stays O(N) whatever N is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ssl_pipeline.labeling.knn import as_unit_float32, build_index, search
+
+log = logging.getLogger(__name__)
+
+
+def kmeans(X: NDArray, n_clusters: int, n_iter: int = 25, max_sample: int = 100_000, seed: int = 0,
+           ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Spherical k-means: (centroids (K, D) unit rows, assignment (N,) int64).
+
+    Fitted on a seeded sample of at most ``max_sample`` rows; every row is then
+    assigned to its most similar centroid (batched faiss search).
+    """
+    import faiss
+
+    X = as_unit_float32(X)
+    n, d = X.shape
+    k = int(min(max(1, n_clusters), n))
+    rng = np.random.default_rng(seed)
+    sample = X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))]
+    km = faiss.Kmeans(d, k, niter=n_iter, seed=int(seed) + 1, spherical=True, verbose=False,
+                      max_points_per_centroid=max(256, len(sample) // k + 1), min_points_per_centroid=1)
+    km.train(sample)
+    centroids = km.centroids / np.maximum(np.linalg.norm(km.centroids, axis=1, keepdims=True), 1e-12)
+    index = build_index(centroids.astype(np.float32), kind="flat")
+    _, assign = search(index, X, 1)
+    return centroids.astype(np.float32), assign[:, 0]
+
+
+def silhouette_cosine(X: NDArray[np.float32], labels: NDArray, sample: int = 3000, seed: int = 0) -> float:
+    """Mean cosine silhouette on a seeded sub-sample (O(sample^2) memory, never O(N^2))."""
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(labels)) < 2:
+        return -1.0
+    n = len(X)
+    idx = np.arange(n) if n <= sample else np.random.default_rng(seed).choice(n, sample, replace=False)
+    if len(np.unique(labels[idx])) < 2:
+        return -1.0
+    return float(silhouette_score(X[idx], labels[idx], metric="cosine"))
+
+
+def graph_modularity(idx: NDArray[np.int64], labels: NDArray) -> float:
+    """Newman modularity of a partition on a kNN graph (N, K) treated as undirected, unweighted.
+
+    Q = (share of edges inside clusters) - sum_c (share of edge ends in c)^2;
+    O(N K) time and memory.
+    """
+    valid = idx >= 0
+    src = np.repeat(np.arange(len(idx)), valid.sum(1))
+    dst = idx[valid]
+    inside = float((labels[src] == labels[dst]).mean())
+    deg = np.bincount(labels[src], minlength=int(labels.max()) + 1) + np.bincount(labels[dst],
+                                                                                  minlength=int(labels.max()) + 1)
+    share = deg / deg.sum()
+    return inside - float((share ** 2).sum())
+
+
+def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sample: int = 20_000, seed: int = 0,
+                      n_iter: int = 20, graph_idx: NDArray | None = None) -> tuple[int, dict[int, float]]:
+    """Pick a cluster count; return (count, {count: score}).
+
+    With ``graph_idx`` (the (N, K) kNN graph of ``X``) the score is the modularity
+    of the k-means partition on that graph (clusters that the neighbourhoods
+    agree with, with no bias towards 2 clusters); otherwise the cosine
+    silhouette on a sub-sample. The grid is geometric from 2 up to
+    ``min(2 sqrt(n), 1024)``; k-means runs on at most ``max_sample`` rows.
+    """
+    X = as_unit_float32(X)
+    n = len(X)
+    rng = np.random.default_rng(seed)
+    S = X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))]
+    if candidates is None:
+        hi = int(min(max(2, 2 * np.sqrt(len(S))), 1024, len(S) - 1))
+        candidates = sorted({int(round(v)) for v in np.geomspace(2, max(hi, 2), num=10)})
+    scores = {}
+    for k in candidates:
+        if k < 2 or k >= len(S):
+            continue
+        if graph_idx is not None:
+            _, a = kmeans(X, k, n_iter=n_iter, max_sample=max_sample, seed=seed)
+            scores[k] = graph_modularity(graph_idx, a)
+        else:
+            _, a = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed)
+            scores[k] = silhouette_cosine(S, a, seed=seed)
+    if not scores:
+        return 1, {}
+    best = max(scores, key=scores.get)
+    log.info("cluster: score by cluster count %s -> %d", {k: round(v, 3) for k, v in scores.items()}, best)
+    return int(best), scores

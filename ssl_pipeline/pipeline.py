@@ -1,0 +1,93 @@
+"""Run the stages encode -> cluster -> pseudolabel -> retrain up to ``cfg.stage``.
+
+Each stage reuses its cached artifact when its key (own config + upstream key)
+is already complete; ``force=[stage, ...]`` (or ``force=all``) recomputes.
+The run directory receives ``metrics.json`` (flat ``<stage>/<name>`` keys) and
+``pseudolabels.csv``; a short table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_pipeline.artifacts import ArtifactCache, write_json
+from ssl_pipeline.audit import pseudolabel_rows, write_pseudolabels
+from ssl_pipeline.data.sources import build_table, draw_labeled
+from ssl_pipeline.errors import ConfigError
+from ssl_pipeline.stages import cluster, encode, pseudolabel, retrain
+from ssl_pipeline.stages.encode import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+STAGES = ["encode", "cluster", "pseudolabel", "retrain"]
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    """Check the cheap things first; return the stages to run, in order."""
+    if cfg.stage not in STAGES:
+        raise ConfigError("stage", f"unknown stage {cfg.stage!r}; valid: {', '.join(STAGES)}")
+    force = cfg.get("force") or []
+    force = STAGES if force == "all" else list(force) if not isinstance(force, str) else [force]
+    bad = [f for f in force if f not in STAGES]
+    if bad:
+        raise ConfigError("force", f"unknown stages {bad}; valid: {', '.join(STAGES)} or 'all'")
+    return STAGES[: STAGES.index(cfg.stage) + 1]
+
+
+def forced(cfg: DictConfig, stage: str) -> bool:
+    f = cfg.get("force") or []
+    if f == "all":
+        return True
+    return stage in ([f] if isinstance(f, str) else list(f))
+
+
+def print_summary(metrics: dict, run_dir: Path) -> None:
+    keys = ["encode/n_images", "encode/n_skipped", "encode/images_per_s", "cluster/n_clusters", "cluster/index",
+            "pseudolabel/k", "pseudolabel/accuracy", "pseudolabel/accuracy_top50", "pseudolabel/coverage",
+            "retrain/test_accuracy", "retrain/labeled_only_test_accuracy", "retrain/gain"]
+    lines = [f"  {k:<40s} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"  {k:<40s} {metrics[k]}"
+             for k in keys if k in metrics]
+    print("\nssl_pipeline summary\n" + "\n".join(lines) + f"\n  run directory: {run_dir}\n", flush=True)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run the pipeline described by ``cfg``; write outputs to ``run_dir``; return the metrics."""
+    todo = validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = ArtifactCache(cfg.paths.cache_dir)
+    t0 = time.perf_counter()
+    table = build_table(cfg.data)
+    metrics: dict = {}
+
+    enc_dir, m, key = encode.run(cfg, table, cache, force=forced(cfg, "encode"))
+    metrics.update(m)
+    store = EmbeddingStore(enc_dir)
+    available = np.zeros(len(table), bool)
+    available[store.rows] = True
+    if not available.all():
+        log.warning("%d of %d images could not be read and were skipped (see skipped.csv)",
+                    int((~available).sum()), len(table))
+        draw_labeled(table, cfg.data, available)
+    (run_dir / "skipped.csv").write_text((enc_dir / "skipped.csv").read_text())
+
+    if "cluster" in todo:
+        cl_dir, m, key = cluster.run(cfg, table, store, cache, key, force=forced(cfg, "cluster"))
+        metrics.update(m)
+    if "pseudolabel" in todo:
+        pl_dir, m, key = pseudolabel.run(cfg, table, store, cl_dir, cache, key, force=forced(cfg, "pseudolabel"))
+        metrics.update(m)
+        write_pseudolabels(pseudolabel_rows(table, pl_dir, cl_dir), run_dir)
+    if "retrain" in todo:
+        _, m, key = retrain.run(cfg, table, store, pl_dir, cache, key, run_dir, force=forced(cfg, "retrain"))
+        metrics.update(m)
+    metrics["pipeline/seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(run_dir / "metrics.json", metrics)
+    OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
+    print_summary(metrics, run_dir)
+    return metrics

@@ -1,0 +1,242 @@
+"""Stage 1, encode: images -> L2-normalised float16 embeddings in shards (+ class-name text embeddings).
+
+Artifact folder::
+
+    shards/emb_00000.npy    (n_ok, D) float16, rows in table order
+    shards/rows_00000.npy   (n_ok,) int64 table rows encoded in that shard
+    shards/skip_00000.json  [[row, reason], ...] unreadable images of that shard
+    text_embeddings.npy     (C, D) float16, when the backbone has a trained text tower
+    skipped.csv             id, path, reason of every unreadable image
+    meta.json
+
+Shards are written as encode proceeds; a killed encode resumes from its
+finished shards (``<key>.partial/``) and gives identical results, since shard
+boundaries and batch composition are fixed by the config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, atomic_write_text, stable_hash, write_json
+from ssl_pipeline.data.images import TableImages, collate_skipping
+from ssl_pipeline.data.sources import load_embeddings_file
+from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingStore:
+    """Read access to an encode artifact.
+
+    Attributes
+    ----------
+    rows : (M,) int64
+        Table rows that have an embedding (unreadable images are absent).
+    dim : int
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        shard_dir = self.path / "shards"
+        self.shards = sorted(shard_dir.glob("emb_*.npy"))
+        self.rows = np.concatenate([np.load(shard_dir / f.name.replace("emb_", "rows_")) for f in self.shards]) \
+            if self.shards else np.zeros(0, np.int64)
+        self.meta = json.loads((self.path / "meta.json").read_text()) if (self.path / "meta.json").exists() else {}
+        self.dim = int(np.load(self.shards[0], mmap_mode="r").shape[1]) if self.shards else 0
+
+    def load(self, dtype=np.float32) -> np.ndarray:
+        """All embeddings (M, D) in ``dtype``, shard by shard (memory-mapped reads)."""
+        out = np.empty((len(self.rows), self.dim), dtype)
+        s = 0
+        for f in self.shards:
+            a = np.load(f, mmap_mode="r")
+            out[s:s + len(a)] = a
+            s += len(a)
+        return out
+
+    def text_embeddings(self) -> np.ndarray | None:
+        f = self.path / "text_embeddings.npy"
+        return np.load(f).astype(np.float32) if f.exists() else None
+
+    def skipped(self) -> list[dict]:
+        f = self.path / "skipped.csv"
+        if not f.exists():
+            return []
+        with f.open() as fh:
+            return list(csv.DictReader(fh))
+
+
+def data_fingerprint(table: SampleTable) -> str:
+    """Identity of the images/embeddings behind a table: ids plus file size and mtime."""
+    if "path" in table.meta:  # an embeddings file
+        st = os.stat(table.meta["path"])
+        return stable_hash([table.meta["path"], st.st_size, st.st_mtime_ns])
+    stats = []
+    for i, p in zip(table.ids, table.paths):
+        if p is None:
+            stats.append(i)
+        else:
+            try:
+                st = os.stat(p)
+                stats.append((i, p, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((i, p, -1, -1))
+    return stable_hash([table.meta.get("source"), stats])
+
+
+def encode_key_config(cfg: DictConfig, table: SampleTable) -> dict:
+    """What determines the encode artifact: the images, the backbone, shard size and precision."""
+    return {
+        "data": data_fingerprint(table),
+        "kind": cfg.data.kind,
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True) if cfg.data.kind != "embeddings" else None,
+        "shard_size": int(cfg.encode.shard_size),
+        "precision": cfg.encode.precision if cfg.data.kind != "embeddings" else None,
+        "templates": list(cfg.encode.text_templates) if cfg.data.kind != "embeddings" else None,
+        "classes": table.classes,
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("encode.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = full fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision in ("auto", "bf16"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    raise DataError(f"encode.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
+def _import_embeddings(table: SampleTable, cfg: DictConfig, out: Path) -> dict:
+    """data=embeddings: validate, L2-normalise and store the file's X as float16 shards."""
+    arrays = load_embeddings_file(table.meta["path"])
+    X = arrays["X"]
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    S = int(cfg.encode.shard_size) * 64
+    for s, start in enumerate(range(0, len(X), S)):
+        chunk = np.asarray(X[start:start + S], np.float32)
+        chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
+        atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", chunk.astype(np.float16))
+        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy", np.arange(start, start + len(chunk), dtype=np.int64))
+    write_json(out / "meta.json", {"source": "embeddings", "path": table.meta["path"], "dim": int(X.shape[1])})
+    atomic_write_text(out / "skipped.csv", "id,path,reason\n")
+    return {"encode/n_images": len(X), "encode/n_skipped": 0, "encode/dim": int(X.shape[1])}
+
+
+def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
+    """Encode every row of ``table`` into shards under ``partial`` (resuming finished shards)."""
+    from ssl_pipeline.backbones import load_backbone
+
+    ecfg = cfg.encode
+    N, S = len(table), int(ecfg.shard_size)
+    shard_dir = partial / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(N / S)
+    todo = [s for s in range(n_shards) if not (shard_dir / f"rows_{s:05d}.npy").exists()]
+    device = pick_device(ecfg.device)
+    ac_dtype = autocast_dtype(ecfg.precision, device)
+    backbone = load_backbone(cfg.backbone, device=device)
+    # channels-last speeds convolutions on CPU and GPU alike (measured 2-4x for EfficientNet on CPU)
+    backbone.model.to(memory_format=torch.channels_last)
+    done_rows = N - sum(min(S, N - s * S) for s in todo)
+    if done_rows:
+        log.info("encode: resuming, %d of %d shards already done", n_shards - len(todo), n_shards)
+    t0, n_new = time.perf_counter(), 0
+    bar = tqdm(total=N, initial=done_rows, desc="encode", unit="img", mininterval=2.0, dynamic_ncols=True)
+    for s in todo:
+        rows = np.arange(s * S, min(N, (s + 1) * S))
+        ds = TableImages(table, rows, backbone.preprocess)
+        nw = int(ecfg.num_workers)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=int(ecfg.batch_size), shuffle=False, num_workers=nw, collate_fn=collate_skipping,
+            pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if nw > 0 else None)
+        embs, done, skipped = [], [], []
+        for images, r, skip in loader:
+            skipped.extend(skip)
+            for row, reason in skip:
+                log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
+            if images is not None:
+                x = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
+                    e = backbone.encode_images(x)
+                embs.append(e.float().cpu().numpy().astype(np.float16))
+                done.append(r.numpy())
+            bar.update(len(r) + len(skip))
+            n_new += len(r)
+        emb = np.concatenate(embs) if embs else np.zeros((0, backbone.embed_dim), np.float16)
+        atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", emb)
+        atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
+        # rows_ is written last: its presence marks the shard complete
+        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy",
+                        np.concatenate(done) if done else np.zeros(0, np.int64))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    ips = n_new / seconds if n_new and seconds > 0 else 0.0
+    if n_new:
+        log.info("encode: %d images in %.1fs, %.1f images/s on %s", n_new, seconds, ips, device)
+    # skipped images of every shard, in row order
+    skipped = []
+    for s in range(n_shards):
+        skipped.extend(json.loads((shard_dir / f"skip_{s:05d}.json").read_text()))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "path", "reason"])
+    for row, reason in skipped:
+        w.writerow([table.ids[row], table.paths[row] or "", reason])
+    atomic_write_text(partial / "skipped.csv", buf.getvalue())
+    if backbone.has_text and table.classes:
+        prompts = [t.format(c.replace("_", " ")) for c in table.classes for t in ecfg.text_templates]
+        T = backbone.encode_texts(prompts).reshape(len(table.classes), len(ecfg.text_templates), -1).mean(1)
+        atomic_save_npy(partial / "text_embeddings.npy",
+                        torch.nn.functional.normalize(T, dim=-1).cpu().numpy().astype(np.float16))
+    write_json(partial / "meta.json", {"source": "images", "backbone": backbone.name, "dim": backbone.embed_dim,
+                                       "image_size": backbone.image_size, "device": str(device)})
+    metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/dim": backbone.embed_dim}
+    if n_new:
+        metrics["encode/images_per_s"] = round(ips, 2)
+    return metrics
+
+
+def run(cfg: DictConfig, table: SampleTable, cache: ArtifactCache, force: bool = False) -> tuple[Path, dict, str]:
+    """Run (or reuse) the encode stage; return (artifact dir, metrics, key)."""
+    key = cache.key("encode", encode_key_config(cfg, table))
+    final = cache.path("encode", key)
+    if cache.is_complete("encode", key) and not force:
+        log.info("encode: reusing %s", final)
+        return final, json.loads((final / "stage_metrics.json").read_text()), key
+    if cfg.data.kind == "embeddings":
+        with cache.writing("encode", key) as tmp:
+            metrics = _import_embeddings(table, cfg, tmp)
+            write_json(tmp / "stage_metrics.json", metrics)
+        return final, metrics, key
+    partial = cache.partial_path("encode", key)
+    metrics = _encode_images(table, cfg, partial)
+    write_json(partial / "stage_metrics.json", metrics)
+    cache.commit("encode", key, partial)
+    return final, metrics, key
