@@ -64,9 +64,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     table = build_table(cfg.data)
     metrics: dict = {}
+    artifacts: dict[str, str] = {}
 
     enc_dir, m, key = encode.run(cfg, table, cache, force=forced(cfg, "encode"))
     metrics.update(m)
+    artifacts["encode"] = str(enc_dir)
     store = EmbeddingStore(enc_dir)
     available = np.zeros(len(table), bool)
     available[store.rows] = True
@@ -79,15 +81,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if "cluster" in todo:
         cl_dir, m, key = cluster.run(cfg, table, store, cache, key, force=forced(cfg, "cluster"))
         metrics.update(m)
+        artifacts["cluster"] = str(cl_dir)
     if "pseudolabel" in todo:
         pl_dir, m, key = pseudolabel.run(cfg, table, store, cl_dir, cache, key, force=forced(cfg, "pseudolabel"))
         metrics.update(m)
+        artifacts["pseudolabel"] = str(pl_dir)
         write_pseudolabels(pseudolabel_rows(table, pl_dir, cl_dir), run_dir)
     if "retrain" in todo:
-        _, m, key = retrain.run(cfg, table, store, pl_dir, cache, key, run_dir, force=forced(cfg, "retrain"))
+        rt_dir, m, key = retrain.run(cfg, table, store, pl_dir, cache, key, run_dir, force=forced(cfg, "retrain"))
         metrics.update(m)
+        artifacts["retrain"] = str(rt_dir)
     metrics["pipeline/seconds"] = round(time.perf_counter() - t0, 2)
     write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "artifacts.json", artifacts)
     OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
     print_summary(metrics, run_dir)
     return metrics

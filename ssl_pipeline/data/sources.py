@@ -77,7 +77,8 @@ def image_folder_table(cfg: DictConfig) -> SampleTable:
             y.append(c)
             split.append("train")
     if not ids:
-        raise ConfigError("data.root", f"no image files under {str(root)!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise ConfigError("data.root",
+                          f"no image files under {str(root)!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     if cfg.get("unlabeled_root"):
         ur = Path(cfg.unlabeled_root).expanduser().resolve()
         if not ur.is_dir():

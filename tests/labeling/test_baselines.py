@@ -1,0 +1,55 @@
+"""Baseline labelers on blobs with known answers, and the shared faiss helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from ssl_pipeline.labeling.baselines import KNNVote, LabelSpreadingLabeler, Prototype
+from ssl_pipeline.labeling.knn import knn_graph
+from tests.conftest import blobs
+
+
+def few_labels(y, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    m = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        m[rng.choice(np.flatnonzero(y == c), n, replace=False)] = True
+    return np.where(m, y, -1)
+
+
+@pytest.mark.parametrize("cls", [KNNVote, Prototype, LabelSpreadingLabeler])
+def test_baselines_label_every_row_of_separated_blobs(cls):
+    X, y = blobs()
+    yl = few_labels(y)
+    lab = cls().fit(X, yl)
+    assert lab.labels_.shape == y.shape and (lab.labels_ >= 0).all()
+    assert (lab.labels_[yl >= 0] == y[yl >= 0]).all()
+    assert (lab.labels_ == y).mean() > 0.95
+    assert ((lab.confidence_ >= 0) & (lab.confidence_ <= 1)).all()
+    assert (lab.predict(X[:10]) == y[:10]).mean() >= 0.9
+    assert clone(lab).get_params() == lab.get_params()
+
+
+def test_knn_graph_excludes_self_and_keeps_duplicates():
+    X, _ = blobs(n_per_class=10, n_classes=2)
+    X = np.concatenate([X, X[:1]])  # row 20 duplicates row 0
+    g = knn_graph(X, 5)
+    assert g.idx.shape == (21, 5)
+    assert not (g.idx == np.arange(21)[:, None]).any()
+    assert g.idx[0, 0] == 20 and g.idx[20, 0] == 0
+    assert np.all(np.diff(g.sim, axis=1) <= 1e-6)
+
+
+def test_knn_graph_pads_when_k_exceeds_points():
+    X, _ = blobs(n_per_class=2, n_classes=2)
+    g = knn_graph(X, 6)
+    assert (g.idx[:, 3:] == -1).all() and np.isneginf(g.sim[:, 3:]).all()
+
+
+def test_non_contiguous_class_ids_are_kept():
+    X, y = blobs(n_classes=3)
+    y = np.array([3, 7, 10])[y]
+    lab = Prototype().fit(X, few_labels(y))
+    assert set(np.unique(lab.labels_)) <= {3, 7, 10}
