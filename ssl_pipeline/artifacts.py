@@ -35,6 +35,14 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+def array_hash(a: np.ndarray, n: int = 16) -> str:
+    """A short hex digest of an array's dtype, shape and bytes (fast for millions of rows)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:n]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)

@@ -24,41 +24,41 @@ COLUMNS = ["id", "path", "label", "label_id", "confidence", "source", "tier", "c
            "true_label", "correct"]
 
 
-def pseudolabel_rows(table: SampleTable, pl_dir: Path, cluster_dir: Path) -> list[dict]:
-    """One dict per unlabeled training sample, in table order."""
+def pseudolabel_columns(table: SampleTable, pl_dir: Path, cluster_dir: Path) -> dict[str, np.ndarray]:
+    """The audit columns (each (M,), M = unlabeled training samples, table order) as arrays."""
     rows = np.load(pl_dir / "rows.npy")
-    labels = np.load(pl_dir / "labels.npy")
-    conf = np.load(pl_dir / "confidence.npy")
-    tier = np.load(pl_dir / "tier.npy")
-    noise = np.load(pl_dir / "noise.npy")
-    agree = np.load(pl_dir / "agreement.npy")
     labeled = np.load(pl_dir / "labeled.npy")
-    clusters = np.load(cluster_dir / "clusters.npy")
+    sel = np.flatnonzero(~labeled)
+    r = rows[sel]
+    labels = np.load(pl_dir / "labels.npy")[sel]
+    tier = np.load(pl_dir / "tier.npy")[sel]
     labeler = json.loads((pl_dir / "labeler.json").read_text())["name"]
-    y_true = np.asarray(table.y_true)
-    out = []
-    for i in np.flatnonzero(~labeled):
-        r = int(rows[i])
-        lab = int(labels[i])
-        t = int(y_true[r])
-        out.append({
-            "id": table.ids[r], "path": table.paths[r] or "",
-            "label": table.classes[lab] if 0 <= lab < len(table.classes) else "",
-            "label_id": lab, "confidence": f"{float(conf[i]):.6f}", "source": f"{labeler}:tier{int(tier[i])}",
-            "tier": int(tier[i]), "cluster": int(clusters[i]), "agreement": f"{float(agree[i]):.4f}",
-            "noise": int(bool(noise[i])),
-            "true_label": table.classes[t] if 0 <= t < len(table.classes) else "",
-            "correct": "" if t < 0 else int(lab == t),
-        })
-    return out
+    classes = np.asarray(list(table.classes) + [""], dtype=object)  # index -1 -> ""
+    y_true = np.asarray(table.y_true)[r]
+    ids = np.asarray(table.ids, dtype=object)[r]
+    paths = np.asarray([p or "" for p in table.paths], dtype=object)[r]
+    return {
+        "id": ids, "path": paths,
+        "label": classes[np.where((labels >= 0) & (labels < len(table.classes)), labels, -1)],
+        "label_id": labels,
+        "confidence": np.char.mod("%.6f", np.load(pl_dir / "confidence.npy")[sel].astype(np.float64)),
+        "source": np.char.add(f"{labeler}:tier", tier.astype(str)),
+        "tier": tier, "cluster": np.load(cluster_dir / "clusters.npy")[sel],
+        "agreement": np.char.mod("%.4f", np.load(pl_dir / "agreement.npy")[sel].astype(np.float64)),
+        "noise": np.load(pl_dir / "noise.npy")[sel].astype(np.int64),
+        "true_label": classes[np.where(y_true >= 0, y_true, -1)],
+        "correct": np.where(y_true < 0, "", (labels == y_true).astype(np.int64).astype(str)),
+    }
 
 
-def write_pseudolabels(rows: list[dict], run_dir: Path) -> Path:
-    """Write ``pseudolabels.csv`` (+ Parquet when pyarrow is importable); return the CSV path."""
+def write_pseudolabels(columns: dict[str, np.ndarray], run_dir: Path, chunk: int = 100_000) -> Path:
+    """Write ``pseudolabels.csv`` (+ Parquet when pyarrow is importable), in chunks; return the CSV path."""
+    n = len(columns["id"])
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for s in range(0, n, chunk):
+        w.writerows(zip(*(columns[c][s:s + chunk].tolist() for c in COLUMNS)))
     path = run_dir / "pseudolabels.csv"
     atomic_write_text(path, buf.getvalue())
     try:
@@ -66,6 +66,6 @@ def write_pseudolabels(rows: list[dict], run_dir: Path) -> Path:
         import pyarrow.parquet as pq
     except ImportError:
         return path
-    table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in COLUMNS})
-    pq.write_table(table, run_dir / "pseudolabels.parquet")
+    pq.write_table(pa.table({c: columns[c].tolist() if columns[c].dtype == object else columns[c]
+                             for c in COLUMNS}), run_dir / "pseudolabels.parquet")
     return path

@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_pipeline.artifacts import ArtifactCache, write_json
-from ssl_pipeline.audit import pseudolabel_rows, write_pseudolabels
+from ssl_pipeline.audit import pseudolabel_columns, write_pseudolabels
 from ssl_pipeline.data.sources import build_table, draw_labeled
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.stages import cluster, encode, pseudolabel, retrain
@@ -86,7 +86,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         pl_dir, m, key = pseudolabel.run(cfg, table, store, cl_dir, cache, key, force=forced(cfg, "pseudolabel"))
         metrics.update(m)
         artifacts["pseudolabel"] = str(pl_dir)
-        write_pseudolabels(pseudolabel_rows(table, pl_dir, cl_dir), run_dir)
+        write_pseudolabels(pseudolabel_columns(table, pl_dir, cl_dir), run_dir)
     if "retrain" in todo:
         rt_dir, m, key = retrain.run(cfg, table, store, pl_dir, cache, key, run_dir, force=forced(cfg, "retrain"))
         metrics.update(m)

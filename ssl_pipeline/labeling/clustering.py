@@ -54,18 +54,21 @@ def silhouette_cosine(X: NDArray[np.float32], labels: NDArray, sample: int = 300
     return float(silhouette_score(X[idx], labels[idx], metric="cosine"))
 
 
-def graph_modularity(idx: NDArray[np.int64], labels: NDArray) -> float:
-    """Newman modularity of a partition on a kNN graph (N, K) treated as undirected, unweighted.
+def graph_modularity(idx: NDArray[np.int64], labels: NDArray, nodes: NDArray | None = None) -> float:
+    """Newman modularity of a partition on a kNN graph (N, K), unweighted, estimated from ``nodes``' edges.
 
-    Q = (share of edges inside clusters) - sum_c (share of edge ends in c)^2;
-    O(N K) time and memory.
+    Q = (share of edges inside clusters) - sum_c (share of edge ends in c)^2.
+    ``labels`` must be defined (>= 0) for ``nodes`` and their neighbours;
+    O(len(nodes) K) time and memory.
     """
-    valid = idx >= 0
-    src = np.repeat(np.arange(len(idx)), valid.sum(1))
-    dst = idx[valid]
+    nodes = np.arange(len(idx)) if nodes is None else nodes
+    sub = idx[nodes]
+    valid = sub >= 0
+    src = np.repeat(nodes, valid.sum(1))
+    dst = sub[valid]
     inside = float((labels[src] == labels[dst]).mean())
-    deg = np.bincount(labels[src], minlength=int(labels.max()) + 1) + np.bincount(labels[dst],
-                                                                                  minlength=int(labels.max()) + 1)
+    m = int(labels.max()) + 1
+    deg = np.bincount(labels[src], minlength=m) + np.bincount(labels[dst], minlength=m)
     share = deg / deg.sum()
     return inside - float((share ** 2).sum())
 
@@ -88,12 +91,20 @@ def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sampl
         hi = int(min(max(2, 2 * np.sqrt(len(S))), 1024, len(S) - 1))
         candidates = sorted({int(round(v)) for v in np.geomspace(2, max(hi, 2), num=10)})
     scores = {}
+    if graph_idx is not None:
+        # score on a node sample: only the sample and its neighbours need a cluster assignment
+        nodes = np.sort(rng.choice(n, min(n, max_sample), replace=False))
+        nb = graph_idx[nodes]
+        need = np.unique(np.concatenate([nodes, nb[nb >= 0]]))
     for k in candidates:
         if k < 2 or k >= len(S):
             continue
         if graph_idx is not None:
-            _, a = kmeans(X, k, n_iter=n_iter, max_sample=max_sample, seed=seed)
-            scores[k] = graph_modularity(graph_idx, a)
+            centroids, _ = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed)
+            labels = np.full(n, -1, np.int64)
+            _, a = search(build_index(centroids, kind="flat"), X[need], 1)
+            labels[need] = a[:, 0]
+            scores[k] = graph_modularity(graph_idx, labels, nodes)
         else:
             _, a = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed)
             scores[k] = silhouette_cosine(S, a, seed=seed)

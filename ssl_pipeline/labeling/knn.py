@@ -49,6 +49,12 @@ def as_unit_float32(X: NDArray) -> NDArray[np.float32]:
     Raises ``ValueError`` on NaN/inf values or zero rows, which would silently
     break every similarity downstream.
     """
+    if isinstance(X, np.ndarray) and X.dtype == np.float32 and X.flags.c_contiguous and X.ndim == 2 and len(X) \
+            and np.isfinite(X[:1000]).all() and np.allclose(np.linalg.norm(X[:1000], axis=1), 1.0, atol=1e-3):
+        # already unit-norm float32 (checked on a prefix, then fully): no copy for large arrays
+        norms = np.linalg.norm(X, axis=1)
+        if np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=1e-3):
+            return X
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array (N x D), got shape {X.shape}")
@@ -59,6 +65,13 @@ def as_unit_float32(X: NDArray) -> NDArray[np.float32]:
     if (norms == 0).any():
         raise ValueError(f"embeddings hold {int((norms == 0).sum())} all-zero rows, which have no direction")
     return np.ascontiguousarray(X / norms, dtype=np.float32)
+
+
+def ivf_params(n: int, nlist: int | None = None, nprobe: int | None = None) -> tuple[int, int]:
+    """IVF list count ~ sqrt(N) (trained on 40 points per list) and probes ~ nlist / 32 (at least 8)."""
+    nlist = int(nlist or max(16, min(65536, round(np.sqrt(n)))))
+    nprobe = int(nprobe or min(nlist, max(8, nlist // 32)))
+    return nlist, nprobe
 
 
 def build_index(X: NDArray[np.float32], kind: str = "flat", nlist: int | None = None, nprobe: int | None = None,
@@ -74,13 +87,14 @@ def build_index(X: NDArray[np.float32], kind: str = "flat", nlist: int | None = 
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
-        nlist = nlist or int(max(16, min(65536, 4 * np.sqrt(n))))
+        nlist, nprobe = ivf_params(n, nlist, nprobe)
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = X[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
+        sample = X[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]
+        index.cp.seed = int(seed)
         index.train(sample)
-        index.nprobe = nprobe or max(8, nlist // 16)
+        index.nprobe = nprobe
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
@@ -131,6 +145,23 @@ def knn_graph(X: NDArray, k: int, kind: str = "flat", index=None, **index_kw) ->
         idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
         sim = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
     return KNNGraph(idx=idx, sim=sim)
+
+
+def knn_recall(X: NDArray[np.float32], graph: KNNGraph, k: int = 10, sample: int = 1000, seed: int = 0) -> float:
+    """Recall of ``graph``'s first ``k`` neighbours against exact search, on a seeded sample of rows.
+
+    ``X`` (N, D) unit-norm float32 must be the rows the graph was built on.
+    """
+    n = len(X)
+    k = min(k, graph.k, n - 1)
+    q = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    exact = build_index(X, kind="flat")
+    _, idx = search(exact, X[q], k + 1)
+    hits = 0
+    for row, ex, ap in zip(q, idx, graph.idx[q, :k]):
+        ex = ex[ex != row][:k]
+        hits += len(np.intersect1d(ex, ap))
+    return hits / (len(q) * k)
 
 
 def nearest(X_index: NDArray, X_query: NDArray, k: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, stable_hash, write_json
+from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, write_json
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.labeling.clustering import choose_n_clusters, kmeans
-from ssl_pipeline.labeling.knn import KNNGraph, knn_graph
+from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, build_index, knn_graph, knn_recall
 from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,23 @@ def index_kind(cfg: DictConfig, n: int) -> str:
     return kind
 
 
+def widen_search(index) -> bool:
+    """Double the probes (IVF) or the search breadth (HNSW); False when already at the maximum."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        if index.nprobe >= index.nlist:
+            return False
+        index.nprobe = min(index.nlist, index.nprobe * 2)
+        return True
+    if isinstance(index, faiss.IndexHNSW):
+        if index.hnsw.efSearch >= 2048:
+            return False
+        index.hnsw.efSearch *= 2
+        return True
+    return False
+
+
 def load_graph(path: Path) -> KNNGraph:
     return KNNGraph(idx=np.load(path / "knn_idx.npy"), sim=np.load(path / "knn_sim.npy"))
 
@@ -54,18 +71,28 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cache: Artif
     if int(ccfg.k) < 1:
         raise ConfigError("cluster.k", f"must be >= 1, got {ccfg.k}")
     pos = graph_rows(table, store)
-    key = cache.key("cluster", {"cfg": OmegaConf.to_container(ccfg, resolve=True), "rows": stable_hash(pos.tolist())},
+    key = cache.key("cluster", {"cfg": OmegaConf.to_container(ccfg, resolve=True), "rows": array_hash(pos)},
                     upstream)
     final = cache.path("cluster", key)
     if cache.is_complete("cluster", key) and not force:
         log.info("cluster: reusing %s", final)
         return final, json.loads((final / "stage_metrics.json").read_text()), key
     t0 = time.perf_counter()
-    X = store.load()[pos]
+    X = as_unit_float32(store.load()[pos])
     n = len(X)
     kind = index_kind(ccfg, n)
     log.info("cluster: %s kNN graph, k=%d, over %d points", kind, ccfg.k, n)
-    g = knn_graph(X, int(ccfg.k), kind=kind, seed=int(ccfg.seed)) if kind != "flat" else knn_graph(X, int(ccfg.k))
+    index = build_index(X, kind=kind, seed=int(ccfg.seed))
+    g = knn_graph(X, int(ccfg.k), index=index)
+    recall = 1.0
+    if kind != "flat":
+        # approximate lists: measure recall against exact search on a sample; widen the search until it is met
+        recall = knn_recall(X, g, k=10, sample=int(ccfg.recall_sample), seed=int(ccfg.seed))
+        while recall < float(ccfg.min_recall) and widen_search(index):
+            log.info("cluster: kNN recall %.3f < %.2f, widening the search", recall, ccfg.min_recall)
+            g = knn_graph(X, int(ccfg.k), index=index)
+            recall = knn_recall(X, g, k=10, sample=int(ccfg.recall_sample), seed=int(ccfg.seed))
+        log.info("cluster: kNN recall@10 %.3f on %d sampled rows", recall, min(n, int(ccfg.recall_sample)))
     if ccfg.n_clusters == "auto":
         n_clusters, _ = choose_n_clusters(X, seed=int(ccfg.seed), graph_idx=g.idx[:, :10])
     else:
@@ -75,6 +102,7 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cache: Artif
     centroids, assign = kmeans(X, n_clusters, n_iter=int(ccfg.kmeans_iter), max_sample=int(ccfg.kmeans_max_sample),
                                seed=int(ccfg.seed))
     metrics = {"cluster/n_points": n, "cluster/k": int(ccfg.k), "cluster/n_clusters": int(n_clusters),
+               "cluster/knn_recall": round(float(recall), 4),
                "cluster/index": kind, "cluster/seconds": round(time.perf_counter() - t0, 2)}
     with cache.writing("cluster", key) as tmp:
         atomic_save_npy(tmp / "rows.npy", store.rows[pos])

@@ -19,7 +19,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, stable_hash, write_json
+from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, write_json
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.stages.cluster import load_graph
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir:
     if labeled.all():
         raise ConfigError("data", "every training sample is labeled: nothing to pseudo-label")
     pcfg = OmegaConf.to_container(cfg.pseudolabel, resolve=True)
-    key = cache.key("pseudolabel", {"cfg": pcfg, "labels": stable_hash(y.tolist())}, upstream)
+    key = cache.key("pseudolabel", {"cfg": pcfg, "labels": array_hash(y)}, upstream)
     final = cache.path("pseudolabel", key)
     if cache.is_complete("pseudolabel", key) and not force:
         log.info("pseudolabel: reusing %s", final)

@@ -53,3 +53,26 @@ def test_non_contiguous_class_ids_are_kept():
     y = np.array([3, 7, 10])[y]
     lab = Prototype().fit(X, few_labels(y))
     assert set(np.unique(lab.labels_)) <= {3, 7, 10}
+
+
+def test_approximate_graph_recall_is_measured_against_exact():
+    from ssl_pipeline.labeling.knn import build_index, knn_recall
+
+    X, _ = blobs(n_per_class=300, n_classes=5, dim=16, noise=0.4)
+    exact = knn_graph(X, 10)
+    assert knn_recall(X, exact, k=10, sample=200) == 1.0
+    ivf = build_index(X, kind="ivf", nlist=32, nprobe=1)
+    approx = knn_graph(X, 10, index=ivf)
+    r1 = knn_recall(X, approx, k=10, sample=200)
+    ivf.nprobe = 32
+    r_all = knn_recall(X, knn_graph(X, 10, index=ivf), k=10, sample=200)
+    assert r1 < r_all and r_all > 0.99
+
+
+def test_modularity_prefers_the_true_partition():
+    from ssl_pipeline.labeling.clustering import graph_modularity
+
+    X, y = blobs(n_per_class=50, n_classes=4)
+    g = knn_graph(X, 10)
+    rng = np.random.default_rng(0)
+    assert graph_modularity(g.idx, y) > 0.5 > graph_modularity(g.idx, rng.permutation(y))
