@@ -24,7 +24,7 @@ from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
-STAGES = ["encode", "cluster", "pseudolabel", "retrain"]
+STAGES = ["encode", "cluster", "pseudolabel", "retrain", "report"]
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -49,7 +49,9 @@ def forced(cfg: DictConfig, stage: str) -> bool:
 def print_summary(metrics: dict, run_dir: Path) -> None:
     keys = ["encode/n_images", "encode/n_skipped", "encode/images_per_s", "cluster/n_clusters", "cluster/index",
             "pseudolabel/k", "pseudolabel/accuracy", "pseudolabel/accuracy_top50", "pseudolabel/coverage",
-            "retrain/test_accuracy", "retrain/labeled_only_test_accuracy", "retrain/gain"]
+            "pseudolabel/precision", "pseudolabel/recall", "retrain/test_accuracy",
+            "retrain/labeled_only_test_accuracy", "retrain/gain", "retrain/test_map", "retrain/labeled_only_test_map",
+            "report/n_figures"]
     lines = [f"  {k:<40s} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"  {k:<40s} {metrics[k]}"
              for k in keys if k in metrics]
     print("\nssl_pipeline summary\n" + "\n".join(lines) + f"\n  run directory: {run_dir}\n", flush=True)
@@ -65,6 +67,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     table = build_table(cfg.data)
     metrics: dict = {}
     artifacts: dict[str, str] = {}
+    if table.multilabel:
+        from ssl_pipeline.multilabel.run import run as run_multilabel
+
+        metrics.update(run_multilabel(cfg, table, cache, run_dir))
+        return finish(cfg, metrics, artifacts, run_dir, t0)
 
     enc_dir, m, key = encode.run(cfg, table, cache, force=forced(cfg, "encode"))
     metrics.update(m)
@@ -91,9 +98,20 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         rt_dir, m, key = retrain.run(cfg, table, store, pl_dir, cache, key, run_dir, force=forced(cfg, "retrain"))
         metrics.update(m)
         artifacts["retrain"] = str(rt_dir)
+    if "report" in todo:
+        finish(cfg, metrics, artifacts, run_dir, t0, quiet=True)  # the report reads the run's files
+        from ssl_pipeline.stages import report
+
+        metrics.update(report.run(cfg, table, run_dir, artifacts, metrics))
+    return finish(cfg, metrics, artifacts, run_dir, t0)
+
+
+def finish(cfg: DictConfig, metrics: dict, artifacts: dict, run_dir: Path, t0: float, quiet: bool = False) -> dict:
+    """Write metrics.json, artifacts.json and the resolved config into the run directory; print the summary."""
     metrics["pipeline/seconds"] = round(time.perf_counter() - t0, 2)
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "artifacts.json", artifacts)
     OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
-    print_summary(metrics, run_dir)
+    if not quiet:
+        print_summary(metrics, run_dir)
     return metrics

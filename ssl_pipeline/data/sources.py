@@ -207,7 +207,20 @@ def draw_labeled(table: SampleTable, cfg: DictConfig, available: np.ndarray | No
     return table
 
 
-SOURCES = {"demo": demo_table, "image_folder": image_folder_table, "embeddings": embeddings_table}
+def multilabel_csv_table(cfg: DictConfig) -> SampleTable:
+    from ssl_pipeline.data.multilabel import multilabel_csv_table as build
+
+    return build(cfg)
+
+
+def multilabel_demo_table(cfg: DictConfig) -> SampleTable:
+    from ssl_pipeline.data.multilabel import multilabel_demo_table as build
+
+    return build(cfg)
+
+
+SOURCES = {"demo": demo_table, "image_folder": image_folder_table, "embeddings": embeddings_table,
+           "multilabel_csv": multilabel_csv_table, "multilabel_demo": multilabel_demo_table}
 
 
 def build_table(cfg: DictConfig) -> SampleTable:
