@@ -1,0 +1,216 @@
+"""HDL on small synthetic embeddings where the right answer is known, plus one real CLIP set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from ssl_pipeline.labeling.baselines import Prototype
+from ssl_pipeline.labeling.hdl import HDL, NaiveTieredVote
+from ssl_pipeline.labeling.knn import knn_graph
+
+FOOD10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "clip_vitb32" / "food10.npz"
+
+
+def blobs(sizes, d=32, sigma=0.6, seed=0):
+    """Gaussian blobs around random unit centres; returns X (N, d) unit rows, y (N,), centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((len(sizes), d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    X = centres[y] + sigma * rng.standard_normal((len(y), d)) / np.sqrt(d)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), y, centres
+
+
+def mask_labels(y, per_class, seed=0):
+    """y with all but ``per_class`` rows of each class set to -1 (``per_class`` may be a dict)."""
+    rng = np.random.default_rng(seed)
+    ym = np.full_like(y, -1)
+    for c in np.unique(y):
+        n = per_class[c] if isinstance(per_class, dict) else per_class
+        keep = rng.choice(np.flatnonzero(y == c), n, replace=False)
+        ym[keep] = y[keep]
+    return ym
+
+
+def unlabeled_accuracy(model, y, ym):
+    u = ym < 0
+    return float((model.labels_[u] == y[u]).mean())
+
+
+# ---------------------------------------------------------------- quality on known answers
+def test_separated_blobs_are_labeled_almost_perfectly():
+    X, y, _ = blobs([120] * 6, sigma=0.5)
+    ym = mask_labels(y, 2)
+    hdl = HDL().fit(X, ym)
+    assert unlabeled_accuracy(hdl, y, ym) >= 0.98
+    assert (hdl.labels_[ym >= 0] == ym[ym >= 0]).all()
+    assert hdl.labels_.shape == y.shape and (hdl.labels_ >= 0).all()
+
+
+def test_long_tailed_class_is_not_swallowed():
+    # two head classes with 20 labels each, a tail class of 20 rows with a single label:
+    # a plain or tiered kNN vote gives the tail class none of its rows here
+    X, y, _ = blobs([400, 400, 20], sigma=1.0, seed=2)
+    ym = mask_labels(y, {0: 20, 1: 20, 2: 1}, seed=2)
+    hdl = HDL().fit(X, ym)
+    tail = (y == 2) & (ym < 0)
+    assert (hdl.labels_[tail] == 2).mean() >= 0.8
+    # nor does the tail class take over head-class rows
+    assert (hdl.labels_[(y != 2) & (ym < 0)] == 2).mean() <= 0.02
+
+
+def test_one_labeled_sample_for_a_class():
+    X, y, _ = blobs([100, 100, 100, 100], sigma=0.7, seed=2)
+    ym = mask_labels(y, {0: 5, 1: 5, 2: 1, 3: 5}, seed=2)
+    hdl = HDL().fit(X, ym)
+    rows = (y == 2) & (ym < 0)
+    assert (hdl.labels_[rows] == 2).mean() >= 0.9
+    assert unlabeled_accuracy(hdl, y, ym) >= 0.9
+
+
+def test_rows_without_any_labeled_neighbour_are_labeled_sensibly():
+    X, y, centres = blobs([80, 80], sigma=0.4, seed=3)
+    rng = np.random.default_rng(3)
+    # an isolated group of 6 rows: far from both blobs, but on class 0's side
+    other = rng.standard_normal(X.shape[1])
+    other -= other @ centres[0] * centres[0] + other @ centres[1] * centres[1]
+    other /= np.linalg.norm(other)
+    group = 0.55 * centres[0] + 0.8 * other + 0.02 * rng.standard_normal((6, X.shape[1]))
+    group /= np.linalg.norm(group, axis=1, keepdims=True)
+    X = np.vstack([X, group]).astype(np.float32)
+    y = np.r_[y, np.zeros(6, np.int64)]
+    ym = mask_labels(y[:160], 1, seed=3)
+    ym = np.r_[ym, np.full(6, -1)]
+    g = knn_graph(X, 5)
+    assert (g.idx[160:] >= 160).all(), "the group must have no labeled (or blob) neighbour"
+    hdl = HDL(k=5).fit(X, ym, neighbors=g)
+    assert (hdl.labels_[160:] == 0).all()
+    assert np.isfinite(hdl.confidence_).all()
+    assert unlabeled_accuracy(hdl, y, ym) >= 0.95
+
+
+def test_duplicate_points():
+    X, y, _ = blobs([60, 60, 60], sigma=0.6, seed=4)
+    X, y = np.repeat(X, 4, axis=0), np.repeat(y, 4)  # every point four times
+    ym = mask_labels(y, 2, seed=4)
+    hdl = HDL().fit(X, ym)
+    assert unlabeled_accuracy(hdl, y, ym) >= 0.95
+    # exact copies of an unlabeled point get one label
+    groups = hdl.labels_.reshape(-1, 4)
+    unl = (ym.reshape(-1, 4) < 0).all(axis=1)
+    assert (groups[unl] == groups[unl][:, :1]).all()
+
+
+def test_non_contiguous_class_ids():
+    X, y, _ = blobs([70, 70, 70], sigma=0.5, seed=5)
+    ids = np.array([3, 7, 10])
+    y = ids[y]
+    ym = mask_labels(y, 2, seed=5)
+    hdl = HDL().fit(X, ym)
+    assert hdl.classes_.tolist() == [3, 7, 10]
+    assert set(np.unique(hdl.labels_)) <= {3, 7, 10}
+    assert unlabeled_accuracy(hdl, y, ym) >= 0.97
+    assert set(np.unique(hdl.predict(X))) <= {3, 7, 10}
+    assert (hdl.predict(X) == y).mean() >= 0.97
+
+
+def test_confidence_ranks_errors_last_on_noisy_blobs():
+    X, y, _ = blobs([150] * 5, sigma=2.5, seed=6)
+    ym = mask_labels(y, 2, seed=6)
+    hdl = HDL().fit(X, ym)
+    u = np.flatnonzero(ym < 0)
+    acc = (hdl.labels_[u] == y[u]).mean()
+    assert 0.5 < acc < 0.97, "the blobs should be hard enough to make errors"
+    top = u[np.argsort(-hdl.confidence_[u], kind="stable")[: len(u) // 2]]
+    assert (hdl.labels_[top] == y[top]).mean() > acc + 0.03
+    assert hdl.confidence_.min() >= 0 and hdl.confidence_.max() <= 1
+    assert (hdl.confidence_[ym >= 0] == 1).all()
+
+
+def test_noise_flags_a_given_label_its_neighbourhood_contradicts():
+    X, y, _ = blobs([80, 80], sigma=0.4, seed=7)
+    ym = mask_labels(y, 4, seed=7)
+    wrong = np.flatnonzero((y == 0) & (ym < 0))[0]
+    ym[wrong] = 1  # a planted annotation error inside blob 0
+    hdl = HDL().fit(X, ym)
+    assert hdl.labels_[wrong] == 1  # given labels are kept ...
+    assert hdl.noise_[wrong]  # ... but flagged
+    assert hdl.agreement_[wrong] < 0.5
+    assert hdl.noise_.mean() < 0.05
+
+
+# ---------------------------------------------------------------- diagnostics and API
+def test_fitted_attributes():
+    X, y, _ = blobs([90, 90, 90], sigma=0.7, seed=8)
+    ym = mask_labels(y, 3, seed=8)
+    hdl = HDL(n_tiers=4).fit(X, ym)
+    n = len(y)
+    assert hdl.tier_.shape == (n,) and (hdl.tier_[ym >= 0] == 0).all()
+    assert hdl.tier_[ym < 0].min() >= 1 and hdl.tier_.max() <= 4
+    assert len(np.unique(hdl.tier_[ym < 0])) >= 2  # labeled in more than one tier
+    assert hdl.noise_.dtype == bool and hdl.noise_.shape == (n,)
+    assert hdl.agreement_.shape == (n,) and 0 <= hdl.agreement_.min() and hdl.agreement_.max() <= 1
+    assert isinstance(hdl.k_, int) and 1 <= hdl.k_ < n
+    assert 0.0 <= hdl.delta_k_ <= 1.0
+    assert hdl.n_clusters_ >= 2
+    proba = hdl.predict_proba(X[:10])
+    assert proba.shape == (10, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    assert (hdl.predict(X) == hdl.labels_).mean() >= 0.95
+
+
+def test_adaptive_k_comes_from_the_grid_and_reuses_a_given_graph():
+    X, y, _ = blobs([100, 100, 100], sigma=0.8, seed=9)
+    ym = mask_labels(y, 4, seed=9)
+    a = HDL(k_grid=(5, 10, 20)).fit(X, ym)
+    assert a.k_ in (5, 10, 20) and set(a.k_scores_) == {5, 10, 20}
+    b = HDL(k_grid=(5, 10, 20)).fit(X, ym, neighbors=knn_graph(X, 30))
+    assert b.k_ == a.k_ and (b.labels_ == a.labels_).all()
+    c = HDL(k_grid=(5, 10, 20)).fit(X, ym, neighbors=knn_graph(X, 3))  # too small: recomputed
+    assert (c.labels_ == a.labels_).all()
+
+
+def test_sklearn_behaviour_and_errors():
+    X, y, _ = blobs([40, 40], seed=10)
+    ym = mask_labels(y, 2, seed=10)
+    est = HDL(n_tiers=3, C=5.0)
+    assert est.fit(X, ym) is est
+    twin = clone(est)
+    assert twin.get_params() == est.get_params() and not hasattr(twin, "labels_")
+    with pytest.raises(ValueError):
+        HDL().fit(X, ym[:-1])
+    with pytest.raises(ValueError):
+        HDL().fit(X, np.full(len(y), -1))
+    with pytest.raises(ValueError):
+        HDL().fit(X, ym.reshape(-1, 1))
+    with pytest.raises(ValueError):
+        HDL(n_tiers=0).fit(X, ym)
+
+
+def test_naive_tiered_vote_labels_every_row():
+    X, y, _ = blobs([60, 60, 60], sigma=0.5, seed=11)
+    ym = mask_labels(y, 2, seed=11)
+    nv = NaiveTieredVote(k=10).fit(X, ym)
+    assert (nv.labels_ >= 0).all() and (nv.labels_[ym >= 0] == ym[ym >= 0]).all()
+    assert unlabeled_accuracy(nv, y, ym) >= 0.9
+    assert nv.tier_[ym < 0].min() >= 1
+
+
+# ---------------------------------------------------------------- real CLIP embeddings
+def test_food10_four_shot_beats_nearest_class_mean():
+    if not FOOD10.exists():
+        pytest.skip(f"real CLIP embeddings not available: {FOOD10} is absent")
+    z = np.load(FOOD10)
+    X, y = z["X"].astype(np.float32), z["y"].astype(np.int64)
+    rng = np.random.default_rng(0)
+    lab = np.concatenate([rng.choice(np.flatnonzero(y == c), 4, replace=False) for c in np.unique(y)])
+    ym = np.full_like(y, -1)
+    ym[lab] = y[lab]
+    hdl_acc = unlabeled_accuracy(HDL().fit(X, ym), y, ym)
+    proto_acc = unlabeled_accuracy(Prototype().fit(X, ym), y, ym)
+    assert hdl_acc >= proto_acc + 0.02, (hdl_acc, proto_acc)
+    assert hdl_acc >= 0.94
