@@ -24,7 +24,8 @@ def tiny_run(tmp_path_factory) -> dict:
     """One tiny image-folder run (3 classes x 10 train images, tiny CLIP) through every stage."""
     base = tmp_path_factory.mktemp("report")
     images = make_image_folder(base / "images")
-    cfg = make_config(*tiny_overrides(images), cache_dir=base / "cache")
+    # the knn labeler (one tier, no noise flags): the tier and noise views are exercised separately below
+    cfg = make_config(*tiny_overrides(images), "pseudolabel=knn", cache_dir=base / "cache")
     run_dir = base / "run"
     metrics = pipeline.run(cfg, run_dir)
     artifacts = json.loads((run_dir / "artifacts.json").read_text())
