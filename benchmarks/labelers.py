@@ -8,7 +8,7 @@ over its most confident half), mean over seeds. Baselines: nearest class mean, l
 
     python benchmarks/labelers.py [--sets food10 ...] [--shots 1 2 4 8] [--seeds 0 1 2]
                                   [--out benchmarks/results/labelers.json] [--data DIR]
-                                  [--hdl key=value ...]
+                                  [--hdl key=value ...] [--blas-threads 1]
 """
 
 from __future__ import annotations
@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "labelers.json")
     ap.add_argument("--hdl", nargs="*", default=[], metavar="KEY=VALUE", help="HDL constructor overrides")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="BLAS threads for every method (1 avoids OpenBLAS stalls on busy machines; 0: default)")
     args = ap.parse_args(argv)
+    if args.blas_threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.blas_threads, user_api="blas")
     warnings.filterwarnings("ignore")
 
     folder = args.data / "clip_vitb32"

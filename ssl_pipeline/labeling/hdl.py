@@ -13,7 +13,7 @@ early mistakes become anchors; HDL avoids that with the rules below.
 Rules (every constant is generic; nothing is chosen per data set)
 -----------------------------------------------------------------
 1. **Geometry.** Rows are L2-normalised; inner product = cosine. The kNN graph
-   (faiss, self excluded; exact up to 50k rows, HNSW above) is built on these
+   (faiss, self excluded; exact up to 50k rows, IVF above) is built on these
    rows, or the given ``neighbors`` graph is reused when it has enough columns.
    The linear expert works on mean-centred, re-normalised rows projected on
    their top ``lr_dim`` principal axes (the "centre + L2" trick for few-shot
@@ -27,7 +27,8 @@ Rules (every constant is generic; nothing is chosen per data set)
    ``delta_k`` is within one standard error of the best (the one-SE rule;
    delta_k is non-decreasing in k in theory, and the estimate is noisy with few
    labels). With one label per class nothing can be left out: ``k_ =
-   k_default`` (the smallest grid value) and ``delta_k_`` is estimated from the
+   k_default`` (5, the smallest grid value; at most a quarter of the mean class
+   size, at least 3) and ``delta_k_`` is estimated from the
    final labeling (share of rows whose ``k_`` neighbours do not all carry their
    label).
 3. **Two experts, recomputed every tier.** (a) *Propagation*: kNN graph with
@@ -99,7 +100,7 @@ def _neighbour_graph(X: NDArray[np.float32], k: int, neighbors: KNNGraph | None)
         if neighbors.k >= k:
             return neighbors.truncate(k)
         log.info("neighbors has k=%d < %d needed: recomputing the kNN graph", neighbors.k, k)
-    kind = "flat" if len(X) <= _EXACT_LIMIT else "hnsw"
+    kind = "flat" if len(X) <= _EXACT_LIMIT else "ivf"
     return knn_graph(X, k, kind=kind)
 
 
@@ -211,11 +212,9 @@ def _centre(X: NDArray[np.float32], mean: NDArray[np.float32]) -> NDArray[np.flo
 def _cluster_mean(P: NDArray[np.float32], assign: NDArray[np.int64], n_clusters: int,
                   rows: NDArray[np.bool_] | None = None) -> NDArray[np.float32]:
     """Every row's cluster-mean posterior (N, C), averaged over ``rows`` (all rows if None); uniform if empty."""
-    Q = np.zeros((n_clusters, P.shape[1]), np.float64)
-    if rows is None:
-        np.add.at(Q, assign, P)
-    else:
-        np.add.at(Q, assign[rows], P[rows])
+    keep = np.ones(len(P), bool) if rows is None else rows
+    member = sp.csr_matrix((keep.astype(np.float32), (assign, np.arange(len(P)))), shape=(n_clusters, len(P)))
+    Q = np.asarray(member @ P, dtype=np.float64)
     s = Q.sum(axis=1, keepdims=True)
     Q = np.where(s > 0, Q / np.maximum(s, 1e-30), 1.0 / P.shape[1])
     return Q[assign].astype(np.float32)
@@ -283,6 +282,13 @@ class HDL(BaseLabeler):
         L-BFGS iterations of the linear expert per tier (warm-started).
     cg_iter : int
         Conjugate-gradient iterations per propagation.
+    cluster_weight : float
+        Exponent of the cluster agreement in the admission ranking (0: clusters only label unreached rows).
+    lr_dim : int or None
+        Principal axes kept for the linear expert (None: all).
+    blas_threads : int or None
+        BLAS threads during ``fit``; 1 avoids OpenBLAS stalls (10x slower fits were measured on a busy
+        2-core machine with 2 threads); None keeps the library default.
     random_state : int
         Seed of k-means and of the subsampling.
 
@@ -298,14 +304,18 @@ class HDL(BaseLabeler):
     agreement_ : (N,) float32
     k_ : int, delta_k_ : float, k_scores_ : dict {k: delta_k}
     n_clusters_ : int
-    coef_ : (D, C) float32, intercept_ : (C,) float32, center_ : (D,) float32 (linear expert)
+    class_prior_ : (C,) float, the propagation expert's EM class prior
+    coef_ : (r, C) float32, intercept_ : (C,) float32, center_ : (D,) float32,
+    components_ : (D, r) float32 or None (linear expert, used by ``predict_proba``)
     """
 
     def __init__(self, n_tiers: int = 5, k: int | None = None, k_grid: tuple[int, ...] = (5, 10, 20),
                  k_default: int = 5, alpha: float = 0.99, gamma: float = 3.0, prop_weight: float = 0.5,
-                 C: float = 10.0, n_prior_iter: int = 3, n_clusters: int | None = None, max_loo: int = 512,
+                 lin_weight: float = 1.0,
+                 C: float = 10.0, n_prior_iter: int = 3, n_clusters: int | None = None, max_loo: int = 128,
                  max_fit_per_class: int = 1000, lr_max_iter: int = 60, cg_iter: int = 20,
-                 cluster_weight: float = 0.0, lr_dim: int | None = 256, random_state: int = 0):
+                 cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
+                 random_state: int = 0):
         self.n_tiers = n_tiers
         self.k = k
         self.k_grid = k_grid
@@ -313,6 +323,7 @@ class HDL(BaseLabeler):
         self.alpha = alpha
         self.gamma = gamma
         self.prop_weight = prop_weight
+        self.lin_weight = lin_weight
         self.C = C
         self.n_prior_iter = n_prior_iter
         self.n_clusters = n_clusters
@@ -322,28 +333,37 @@ class HDL(BaseLabeler):
         self.cg_iter = cg_iter
         self.cluster_weight = cluster_weight
         self.lr_dim = lr_dim
+        self.blas_threads = blas_threads
         self.random_state = random_state
 
     # ------------------------------------------------------------ adaptive k
     def _choose_k(self, g: KNNGraph, lab_rows: NDArray[np.int64], lab_pos: NDArray[np.int64],
-                  n_classes: int, n: int) -> tuple[int, dict[int, float]]:
-        """Pick ``k`` by leave-one-out propagation on the labeled rows; return (k, {k: delta_k})."""
+                  n_classes: int, n: int):
+        """Leave-one-out propagation on the labeled rows.
+
+        Returns (k, {k: delta_k}, evaluated labeled rows (positions in ``lab_rows``), their LOO
+        propagation posteriors at the chosen k (|ev|, C)); the last two are None when no class has
+        two labels.
+        """
         counts = np.bincount(lab_pos, minlength=n_classes)
-        grid = sorted({int(k) for k in self.k_grid if 1 <= k < n})
         evaluable = np.flatnonzero(counts[lab_pos] >= 2)
-        fallback = int(min(self.k_default, max(3, round(n / n_classes / 4))))
-        fallback = min(fallback, n - 1)
         if self.k is not None:
-            return int(min(self.k, n - 1)), {}
+            grid = [int(min(self.k, n - 1))]
+        else:
+            grid = sorted({int(k) for k in self.k_grid if 1 <= k < n})
+        fallback = grid[0] if self.k is not None else int(min(self.k_default, max(3, round(n / n_classes / 4))))
+        fallback = min(fallback, n - 1)
         if len(evaluable) == 0 or not grid:
-            return fallback, {}
+            return fallback, {}, None, None
         rng = np.random.default_rng(self.random_state)
         if len(evaluable) > self.max_loo:
             evaluable = np.sort(rng.choice(evaluable, self.max_loo, replace=False))
+        own = lab_pos[evaluable]
         scores: dict[int, float] = {}
+        posts: dict[int, NDArray] = {}
         for k in grid:
             S = _affinity(g, k, self.gamma)
-            errors = 0
+            post = np.zeros((len(evaluable), n_classes), np.float64)
             for s in range(0, len(evaluable), 128):
                 ev = evaluable[s:s + 128]
                 E = np.zeros((n, len(ev)), np.float32)
@@ -351,18 +371,52 @@ class HDL(BaseLabeler):
                 G = _propagate(S, E, self.alpha, n_iter=self.cg_iter)[lab_rows]  # (n_L, |ev|): G[j, i]
                 G[ev, np.arange(len(ev))] = 0.0  # leave the row itself out
                 votes = np.zeros((n_classes, len(ev)), np.float64)
-                np.add.at(votes, lab_pos, G)
-                votes /= np.maximum(counts - 0, 1)[:, None]
-                # the left-out row no longer counts for its own class
-                own = lab_pos[ev]
-                votes[own, np.arange(len(ev))] *= counts[own] / np.maximum(counts[own] - 1, 1)
-                errors += int((np.argmax(votes, axis=0) != own).sum())
-            scores[k] = errors / len(evaluable)
+                np.add.at(votes, lab_pos, np.maximum(G, 0.0))
+                # mean seed influence per class, the left-out row no longer counting for its own class
+                left = counts[:, None] - (np.arange(n_classes)[:, None] == lab_pos[ev][None, :])
+                post[s:s + len(ev)] = (votes / np.maximum(left, 1)).T
+            post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-30)
+            posts[k] = post
+            scores[k] = float((np.argmax(post, axis=1) != own).mean())
         # one-standard-error rule: the smallest k whose LOO error is within one SE of the best
         best = min(scores.values())
         se = float(np.sqrt(best * (1.0 - best) / len(evaluable)))
         k_best = min(k for k, v in scores.items() if v <= best + se + 1e-12)
-        return k_best, scores
+        return k_best, scores, evaluable, posts[k_best]
+
+    def _choose_lin_weight(self, Xl: NDArray[np.float32], lab_rows: NDArray[np.int64], lab_pos: NDArray[np.int64],
+                           n_classes: int, evaluated: NDArray[np.int64] | None, prop_post: NDArray | None
+                           ) -> tuple[float, dict[float, float]]:
+        """Weight of the linear expert, from held-out labeled rows (default unless clearly worse).
+
+        The linear expert is scored by 4-fold cross-validation on the labeled rows, the propagation
+        expert by its leave-one-out posteriors; the combination ``prop_weight * log Pprop + w * log Plin``
+        is scored on the same rows for w in ``lin_weight * (0, 1/4, 1/2, 1)``. The default ``w = lin_weight``
+        is kept unless another w is better by more than one standard error.
+        """
+        if evaluated is None or len(evaluated) < 2:
+            return float(self.lin_weight), {}
+        rng = np.random.default_rng(self.random_state)
+        fold = _rank_within_class(lab_pos, rng.random(len(lab_pos))) % 4  # classes spread over the folds
+        lin_post = np.zeros((len(evaluated), n_classes), np.float32)
+        for f in range(4):
+            held = evaluated[fold[evaluated] == f]
+            if len(held) == 0:
+                continue
+            train = np.flatnonzero(fold != f)
+            theta = _fit_softmax(Xl[lab_rows[train]], lab_pos[train], np.ones(len(train), np.float32), n_classes,
+                                 self.C, None, self.lr_max_iter)
+            lin_post[np.searchsorted(evaluated, held)] = _softmax_proba(theta, Xl[lab_rows[held]], n_classes)
+        own = lab_pos[evaluated]
+        acc: dict[float, float] = {}
+        for frac in (0.0, 0.25, 0.5, 1.0):
+            w = float(self.lin_weight) * frac
+            logp = self.prop_weight * np.log(prop_post + 1e-12) + w * np.log(lin_post + 1e-12)
+            acc[w] = float((np.argmax(logp, axis=1) == own).mean())
+        default = float(self.lin_weight)
+        best_w = max(acc, key=lambda w: (acc[w], w))
+        se = float(np.sqrt(acc[default] * (1.0 - acc[default]) / len(evaluated)))
+        return (best_w if acc[best_w] > acc[default] + se else default), acc
 
     # ------------------------------------------------------------ second opinion
     def _cluster_opinion(self, Xc: NDArray[np.float32], pred: NDArray[np.int64], n_classes: int
@@ -396,8 +450,18 @@ class HDL(BaseLabeler):
     # ------------------------------------------------------------ fit
     def fit(self, X: NDArray, y: NDArray, neighbors: KNNGraph | None = None) -> HDL:
         """Label every row of ``X`` (N, D) from the labeled rows of ``y`` (N,), -1 = unlabeled."""
+        from threadpoolctl import threadpool_limits
+
+        if self.blas_threads is None:
+            return self._fit(X, y, neighbors)
+        with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            return self._fit(X, y, neighbors)
+
+    def _fit(self, X: NDArray, y: NDArray, neighbors: KNNGraph | None) -> HDL:
         X, y, classes = check_labels(X, y)
         n, n_classes = len(X), len(classes)
+        if n < 2:
+            raise ValueError("HDL needs at least 2 rows")
         if self.n_tiers < 1:
             raise ValueError(f"n_tiers must be >= 1, got {self.n_tiers}")
         self.classes_ = classes
@@ -411,11 +475,11 @@ class HDL(BaseLabeler):
         Xc = _centre(X, self.center_)
         self.components_ = _principal_axes(Xc, self.lr_dim, self.random_state)
         Xl = Xc if self.components_ is None else np.ascontiguousarray(Xc @ self.components_)
-        if n < 2:
-            raise ValueError("HDL needs at least 2 rows")
         k_need = self.k if self.k is not None else max(max(self.k_grid), self.k_default)
         g = _neighbour_graph(X, int(min(k_need, n - 1)), neighbors)
-        self.k_, self.k_scores_ = self._choose_k(g, lab_rows, lab_pos, n_classes, n)
+        self.k_, self.k_scores_, evaluated, loo_post = self._choose_k(g, lab_rows, lab_pos, n_classes, n)
+        self.lin_weight_, self.lin_weight_scores_ = self._choose_lin_weight(Xl, lab_rows, lab_pos, n_classes,
+                                                                            evaluated, loo_post)
         S = _affinity(g, self.k_, self.gamma)
 
         pool_rows, pool_pos, pool_w = lab_rows, lab_pos, np.ones(len(lab_rows), np.float32)
@@ -426,7 +490,7 @@ class HDL(BaseLabeler):
         for t in range(1, self.n_tiers + 1):
             # (a) propagation expert from the current pool
             Y = np.zeros((n, n_classes), np.float32)
-            np.add.at(Y, (pool_rows, pool_pos), pool_w)
+            Y[pool_rows, pool_pos] = pool_w  # pool rows are distinct
             Y /= np.maximum(Y.sum(axis=0, keepdims=True), 1e-30)
             Z = _propagate(S, Y, self.alpha, X0=Z, n_iter=self.cg_iter)
             P_prop, self.class_prior_ = _balanced_posterior(Z, self.n_prior_iter)
@@ -435,12 +499,14 @@ class HDL(BaseLabeler):
                 # rows no labeled row reaches through the graph take their k-means cluster's opinion
                 P_prop[unreached] = _cluster_mean(P_prop, assign, self.n_clusters_, ~unreached)[unreached]
             # (b) linear expert from the current pool (capped per class, most confident first)
-            fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
-            theta = _fit_softmax(Xl[pool_rows[fit_rows]], pool_pos[fit_rows], pool_w[fit_rows], n_classes,
-                                 self.C, theta, self.lr_max_iter)
-            P_lin = _softmax_proba(theta, Xl, n_classes)
+            # (skipped but for the last tier, which serves predict_proba, when its weight is 0)
+            if self.lin_weight_ > 0 or t == self.n_tiers:
+                fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
+                theta = _fit_softmax(Xl[pool_rows[fit_rows]], pool_pos[fit_rows], pool_w[fit_rows], n_classes,
+                                     self.C, theta, self.lr_max_iter)
+            P_lin = _softmax_proba(theta, Xl, n_classes) if self.lin_weight_ > 0 else np.ones_like(P_prop)
             # product of experts
-            logP = self.prop_weight * np.log(P_prop + 1e-12) + np.log(P_lin + 1e-12)
+            logP = self.prop_weight * np.log(P_prop + 1e-12) + self.lin_weight_ * np.log(P_lin + 1e-12)
             logP -= logP.max(axis=1, keepdims=True)
             P = np.exp(logP)
             P /= P.sum(axis=1, keepdims=True)
@@ -491,11 +557,10 @@ class HDL(BaseLabeler):
         same = nb == pos[:, None]
         tot = w.sum(axis=1)
         self.agreement_ = np.where(tot > 0, (w * same).sum(axis=1) / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
-        votes = np.zeros((len(pos), len(self.classes_)), np.float32)
         r = np.repeat(np.arange(len(pos)), idx.shape[1])
         keep = valid.ravel()
-        np.add.at(votes, (r[keep], nb.ravel()[keep]), w.ravel()[keep])
-        majority = np.argmax(votes, axis=1)
+        votes = sp.csr_matrix((w.ravel()[keep], (r[keep], nb.ravel()[keep])), shape=(len(pos), len(self.classes_)))
+        majority = np.asarray(votes.argmax(axis=1)).ravel()
         self.noise_ = (tot > 0) & (majority != pos) & (self.agreement_ < 0.5)
         if not self.k_scores_:
             self.delta_k_ = float(np.mean(~(same | ~valid).all(axis=1)))

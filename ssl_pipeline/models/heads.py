@@ -7,15 +7,17 @@ from torch import nn
 
 
 def make_head(kind: str, in_dim: int, n_classes: int, hidden: int = 512, dropout: float = 0.0) -> nn.Module:
-    """A ``linear`` or ``mlp`` head mapping (B, in_dim) -> (B, n_classes) logits."""
+    """A ``linear``, ``mlp`` or ``cosine`` head mapping (B, in_dim) -> (B, n_classes) logits."""
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
     if kind == "mlp":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
                              nn.Linear(hidden, n_classes))
+    if kind == "cosine":
+        return nn.Sequential(nn.Dropout(dropout), CosineHead(in_dim, n_classes))
     from ssl_pipeline.errors import ConfigError
 
-    raise ConfigError("retrain.head", f"unknown head {kind!r}; valid: linear, mlp")
+    raise ConfigError("retrain.head", f"unknown head {kind!r}; valid: linear, mlp, cosine")
 
 
 class CosineHead(nn.Module):

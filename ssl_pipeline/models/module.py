@@ -29,17 +29,28 @@ class HeadModule(L.LightningModule):
     head : str
         ``linear`` or ``mlp``.
     loss : callable(logits, target, weight) -> scalar, default confidence-weighted CE
+    feature_mean, feature_std : (in_dim,) tensors or None
+        Per-dimension standardisation applied before the head (stored in the state dict).
+        L2-normalised embeddings have per-dimension scales of about ``in_dim ** -0.5``; without
+        it a head trained for a fixed number of Adam steps underfits (measured on the demo: 0.63
+        -> 0.73 test accuracy with pseudo-labels).
     """
 
     def __init__(self, in_dim: int, n_classes: int, head: str = "linear", hidden: int = 512, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, dropout: float = 0.0, loss=None, max_steps: int = 1000):
+                 weight_decay: float = 1e-4, dropout: float = 0.0, loss=None, max_steps: int = 1000,
+                 feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["loss"])
+        self.save_hyperparameters(ignore=["loss", "feature_mean", "feature_std"])
+        self.register_buffer("feature_mean", torch.zeros(in_dim) if feature_mean is None
+                             else torch.as_tensor(feature_mean, dtype=torch.float32))
+        self.register_buffer("feature_std", torch.ones(in_dim) if feature_std is None
+                             else torch.as_tensor(feature_std, dtype=torch.float32))
         self.head = make_head(head, in_dim, n_classes, hidden, dropout)
         self.loss_fn = loss or weighted_ce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        """(B, in_dim) embeddings -> (B, n_classes) logits."""
+        return self.head((x - self.feature_mean) / self.feature_std)
 
     def training_step(self, batch, batch_idx):
         x, y, w = batch
@@ -57,4 +68,197 @@ class HeadModule(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps,
                                                     pct_start=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class FinetuneModule(L.LightningModule):
+    """Image tower + head trained on labeled and confidence-weighted pseudo-labeled images.
+
+    Batches come from :class:`~ssl_pipeline.models.finetune.StepBatchSampler`:
+    ``(x, y, w, code)`` with ``code`` 0 = given label, 1 = pseudo-label (weight = its
+    confidence), 10/20 = weak/strong view of an unlabeled image (consistency term only).
+    ``x`` holds images, or frozen-prefix outputs from the view bank when ``cached``.
+
+    The loss is the weighted CE of the supervised samples, normalised by the weight sum over
+    all ranks (so DDP matches one process on the global batch), plus, with consistency on,
+    FixMatch: ``consistency_weight * mean(1[p_weak >= threshold] * CE(strong, argmax p_weak))``.
+
+    Every step reseeds torch's RNG from (seed, step, rank), and the optional weight EMA lives
+    in the checkpoint: a run resumed from a checkpoint replays the remaining steps exactly.
+
+    ``opt`` keys: steps, batch_size, labeled_fraction, unlabeled_batch, lr, backbone_lr,
+    weight_decay, layer_decay, warmup, ema, consistency_weight, threshold, num_workers.
+    """
+
+    def __init__(self, net, train_items, train_set, opt: dict, loss=None, seed: int = 0, phase: str = "",
+                 cached: bool = False, val_loader=None):
+        super().__init__()
+        self.net = net
+        self.train_items, self.train_set = train_items, train_set
+        self.opt = dict(opt)
+        self.loss_fn = loss or weighted_ce
+        self.seed, self.phase, self.cached = int(seed), phase, cached
+        self._val_loader = val_loader
+        self._ema: dict[str, torch.Tensor] | None = None
+        if float(self.opt.get("ema", 0.0)) > 0:
+            self._ema = {k: v.detach().clone() for k, v in self._ema_source().items()}
+
+    # -- data ------------------------------------------------------------------------------
+    def train_dataloader(self):
+        from ssl_pipeline.models.finetune import StepBatchSampler, StepLoader, collate_train
+
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        bs = int(self.opt["batch_size"])
+        if bs % world:
+            from ssl_pipeline.errors import ConfigError
+
+            raise ConfigError("retrain.batch_size", f"must be a multiple of the {world} processes, got {bs}")
+        b = bs // world
+        n_lab = min(b, max(1, round(b * float(self.opt.get("labeled_fraction", 0.25)))))
+        n_unl = int(self.opt.get("unlabeled_batch", 0)) // world if self.opt.get("consistency_weight", 0) else 0
+        sampler = StepBatchSampler(self.train_set, int(self.opt["steps"]), n_lab, b - n_lab, n_unl, self.seed,
+                                   start=self.trainer.global_step, rank=rank, world=world)
+        nw = int(self.opt.get("num_workers", 0))
+        return StepLoader(self.train_items, batch_sampler=sampler, collate_fn=collate_train, num_workers=nw,
+                          persistent_workers=False)
+
+    def val_dataloader(self):
+        return self._val_loader if self._val_loader is not None else []
+
+    # -- steps -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, cached=self.cached)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        from ssl_pipeline.models.finetune import mix_seed
+
+        torch.manual_seed(mix_seed(self.seed, 5, self.global_step, self.global_rank))
+
+    def _sup_loss(self, logits, y, w):
+        if y.ndim == 2:
+            ce = -(y * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+            loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+        else:
+            loss = self.loss_fn(logits, y, w)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # weighted mean over the global batch (DDP averages the ranks' gradients)
+            local = w.sum().detach()
+            total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+            loss = loss * (world * local / total.clamp_min(1e-12))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        x, y, w, code = batch[:4]
+        logits = self(x)
+        sup = code < 10
+        if len(batch) > 4:  # soft targets: cross-entropy against a distribution, weighted like the hard loss
+            q = batch[4][sup]
+            loss = self._sup_loss(logits[sup], q, w[sup])
+        else:
+            loss = self._sup_loss(logits[sup], y[sup], w[sup])
+        pseudo = code == 1
+        self.log("train/loss_sup", loss.detach(), on_step=True, on_epoch=False)
+        self.log("pseudo/weight_mean", w[pseudo].mean() if pseudo.any() else torch.zeros(()), on_step=True,
+                 on_epoch=False)
+        lam = float(self.opt.get("consistency_weight", 0.0))
+        weak, strong = code == 10, code == 20
+        if lam > 0 and weak.any():
+            with torch.no_grad():
+                p = torch.softmax(logits[weak].detach().float(), dim=-1)
+                conf, target = p.max(-1)
+                mask = (conf >= float(self.opt.get("threshold", 0.95))).float()
+            ce = nn.functional.cross_entropy(logits[strong], target, reduction="none")
+            loss_u = (ce * mask).mean()
+            loss = loss + lam * loss_u
+            self.log("train/loss_unlabeled", loss_u.detach(), on_step=True, on_epoch=False)
+            self.log("train/mask_rate", mask.mean(), on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
+
+    def _update_ema(self) -> None:
+        if self._ema is not None:
+            d = float(self.opt["ema"])
+            with torch.no_grad():
+                for k, v in self._ema_source().items():
+                    e = self._ema[k]
+                    if e.device != v.device:
+                        e = self._ema[k] = e.to(v.device)
+                    if v.dtype.is_floating_point and k in self._ema_trainable:
+                        e.mul_(d).add_(v.detach(), alpha=1 - d)
+                    else:
+                        e.copy_(v)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        with self.ema_weights():
+            acc = (self(x).argmax(-1) == y).float().mean()
+        self.log("val/acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+
+    # -- EMA -------------------------------------------------------------------------------
+    def _ema_source(self) -> dict[str, torch.Tensor]:
+        """Parameters that train, and buffers (BatchNorm statistics), by name."""
+        trainable = {k for k, p in self.net.named_parameters() if p.requires_grad}
+        self._ema_trainable = trainable
+        src = {k: p for k, p in self.net.named_parameters() if k in trainable}
+        src.update({k: b for k, b in self.net.named_buffers()})
+        return src
+
+    def ema_weights(self):
+        """Context manager: the EMA weights are in the net inside it (no-op without EMA)."""
+        import contextlib
+
+        if self._ema is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def swap():
+            src = self._ema_source()
+            saved = {k: v.detach().clone() for k, v in src.items()}
+            with torch.no_grad():
+                for k, v in src.items():
+                    v.copy_(self._ema[k])
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for k, v in src.items():
+                        v.copy_(saved[k])
+        return swap()
+
+    def apply_ema(self) -> None:
+        """Put the EMA weights into the net for good (the final model)."""
+        if self._ema is not None:
+            with torch.no_grad():
+                for k, v in self._ema_source().items():
+                    v.copy_(self._ema[k])
+
+    def on_save_checkpoint(self, checkpoint):
+        if self._ema is not None:
+            checkpoint["ema"] = {k: v.detach().cpu() for k, v in self._ema.items()}
+
+    def on_load_checkpoint(self, checkpoint):
+        if self._ema is not None and "ema" in checkpoint:
+            self._ema = {k: v.clone() for k, v in checkpoint["ema"].items()}
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        import math
+
+        o = self.opt
+        groups = self.net.param_groups(float(o["lr"]), float(o["backbone_lr"]), float(o["weight_decay"]),
+                                       float(o.get("layer_decay", 1.0)))
+        opt = torch.optim.AdamW(groups)
+        steps = int(o["steps"])
+        warm = max(1, int(round(float(o.get("warmup", 0.05)) * steps)))
+
+        def factor(step: int) -> float:  # linear warm-up, then cosine to zero
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,14 @@
+"""Multi-label images: context-aware semantic alignment (CSA) and class-aware pseudo-labels (CAP).
+
+==============  ==================================================================
+module          what it does
+==============  ==================================================================
+``features``    spatial tokens + pooled embeddings, cached (stage ``multilabel_encode``)
+``head``        the alignment head: label-specific attention features, one-to-one alignment
+``contexts``    label contexts by spectral clustering of the labeled co-occurrence matrix
+``thresholds``  class-aware (frequency-quantile) thresholds with a masked uncertain band
+``pseudo``      teacher scores -> kNN vote -> thresholds -> context veto
+``train``       Lightning training, labeled-only or with refreshed pseudo-labels (EMA teacher)
+``run``         ``run(cfg, table, cache, run_dir) -> metrics``: the whole path
+==============  ==================================================================
+"""

@@ -1,0 +1,249 @@
+"""Spatial tokens + pooled embeddings of a multi-label table, cached and resumable.
+
+The multi-label head needs more than one pooled vector per image: it attends
+over the backbone's *spatial tokens*.
+
+* timm conv trunk (EfficientNet-Lite0): ``trunk.forward_features(x)`` gives the
+  (B, C, h, w) feature map; its h*w positions are the tokens (C = 1280), and
+  the pooled embedding is their mean (the trunk's own average pool).
+* open_clip ViT: the patch tokens after ``ln_post``, mapped through the visual
+  projection ``proj`` (so they live in the image-text space, as in MaskCLIP);
+  the pooled embedding is the model's own ``encode_image``.
+
+Images are resized to ``size x size`` *without cropping* (squashed): a centre crop
+would cut off objects near the borders, which matter for multi-label scenes.
+
+Artifact folder (stage ``multilabel_encode``)::
+
+    shards/tok_00000.npy    (n_ok, P, d) float16 spatial tokens (P = h*w), table order
+    shards/pool_00000.npy   (n_ok, D) float16 L2-normalised pooled embeddings
+    shards/rows_00000.npy   (n_ok,) int64 table rows of that shard (written last = shard complete)
+    shards/skip_00000.json  [[row, reason], ...]
+    text_embeddings.npy     (C, d) float16, only when the backbone has a trained text tower
+    skipped.csv, meta.json, stage_metrics.json
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, atomic_write_text, write_json
+from ssl_pipeline.data.images import TableImages, collate_skipping
+from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline.stages.encode import autocast_dtype, data_fingerprint, pick_device
+
+log = logging.getLogger(__name__)
+STAGE = "multilabel_encode"
+
+
+@dataclass
+class TokenFeatures:
+    """Cached features of the readable images of a table.
+
+    Attributes
+    ----------
+    rows : (M,) int64
+        Table rows that have features (unreadable images are absent).
+    tokens : (M, P, d) float16
+        Spatial tokens.
+    pooled : (M, D) float32
+        L2-normalised pooled embeddings.
+    grid : (h, w)
+    text : (C, d) float32 or None
+        Class-name text embeddings in the token space (trained text tower only).
+    skipped : list of (row, reason)
+    """
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    pooled: np.ndarray
+    grid: tuple[int, int]
+    text: np.ndarray | None
+    skipped: list
+
+
+def squash_transform(backbone, size: int):
+    """PIL image -> (3, size, size) tensor: resize without crop, the backbone's own normalisation."""
+    from torchvision import transforms as T
+
+    norm = next((t for t in getattr(backbone.preprocess, "transforms", []) if isinstance(t, T.Normalize)), None)
+    mean, std = (norm.mean, norm.std) if norm is not None else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+def token_size(cfg: DictConfig) -> int | None:
+    """The input size for spatial tokens: ``data.image_size`` when set, else the backbone's own."""
+    s = cfg.data.get("image_size")
+    return int(s) if s else None
+
+
+@torch.inference_mode()
+def extract(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Images (B, 3, S, S) -> (tokens (B, P, d), pooled (B, D) L2-normalised, grid (h, w))."""
+    visual = model.visual
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "forward_features"):
+        fmap = trunk.forward_features(x)
+        if fmap.ndim != 4:
+            raise TypeError(f"trunk.forward_features returned shape {tuple(fmap.shape)}, expected (B, C, h, w)")
+        b, c, h, w = fmap.shape
+        tokens = fmap.flatten(2).transpose(1, 2).float()
+        pooled = visual.head(trunk.forward_head(fmap)) if hasattr(trunk, "forward_head") else tokens.mean(1)
+        return tokens, torch.nn.functional.normalize(pooled.float(), dim=-1), (h, w)
+    if hasattr(visual, "output_tokens"):
+        old = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(x)
+        finally:
+            visual.output_tokens = old
+        if getattr(visual, "proj", None) is not None:
+            tokens = tokens @ visual.proj
+        p = tokens.shape[1]
+        h = int(math.isqrt(p))
+        grid = (h, p // h) if h * (p // h) == p else (1, p)
+        return tokens.float(), torch.nn.functional.normalize(pooled.float(), dim=-1), grid
+    raise TypeError(f"cannot take spatial tokens from a {type(visual).__name__} image tower "
+                    "(supported: timm conv trunks and open_clip VisionTransformer)")
+
+
+def key_config(cfg: DictConfig, table: SampleTable) -> dict:
+    return {
+        "data": data_fingerprint(table),
+        "kind": cfg.data.kind,
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "size": token_size(cfg),
+        "shard_size": int(cfg.encode.shard_size),
+        "precision": cfg.encode.precision,
+        "templates": list(cfg.encode.text_templates),
+        "classes": table.classes,
+        "version": 1,
+    }
+
+
+def _encode(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:
+    from ssl_pipeline.backbones import load_backbone
+
+    ecfg = cfg.encode
+    N, S = len(table), int(ecfg.shard_size)
+    shard_dir = partial / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(N / S)
+    todo = [s for s in range(n_shards) if not (shard_dir / f"rows_{s:05d}.npy").exists()]
+    device = pick_device(ecfg.device)
+    ac_dtype = autocast_dtype(ecfg.precision, device)
+    backbone = load_backbone(cfg.backbone, device=device)
+    size = token_size(cfg)
+    trunk = getattr(backbone.model.visual, "trunk", None)
+    if size is None or trunk is None or not hasattr(trunk, "forward_features"):
+        # a ViT's positional embedding fixes its input size: keep the model's own
+        if size and size != backbone.image_size:
+            log.info("multilabel encode: %s takes %d px images; data.image_size=%d ignored", backbone.name,
+                     backbone.image_size, size)
+        size = backbone.image_size
+    tf = squash_transform(backbone, size)
+    backbone.model.to(memory_format=torch.channels_last)
+    grid, t0, n_new = None, time.perf_counter(), 0
+    if len(todo) < n_shards:
+        log.info("multilabel encode: resuming, %d of %d shards already done", n_shards - len(todo), n_shards)
+    for s in todo:
+        rows = np.arange(s * S, min(N, (s + 1) * S))
+        loader = torch.utils.data.DataLoader(
+            TableImages(table, rows, tf), batch_size=int(ecfg.batch_size), shuffle=False,
+            num_workers=int(ecfg.num_workers), collate_fn=collate_skipping)
+        toks, pools, done, skipped = [], [], [], []
+        for images, r, skip in loader:
+            skipped.extend(skip)
+            for row, reason in skip:
+                log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
+            if images is None:
+                continue
+            x = images.to(device).to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
+                tok, pool, grid = extract(backbone.model, x)
+            toks.append(tok.cpu().numpy().astype(np.float16))
+            pools.append(pool.cpu().numpy().astype(np.float16))
+            done.append(r.numpy())
+            n_new += len(r)
+        if toks:
+            atomic_save_npy(shard_dir / f"tok_{s:05d}.npy", np.concatenate(toks))
+            atomic_save_npy(shard_dir / f"pool_{s:05d}.npy", np.concatenate(pools))
+        atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
+        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy", np.concatenate(done) if done else np.zeros(0, np.int64))
+        log.info("multilabel encode: shard %d/%d done", s + 1, n_shards)
+    seconds = time.perf_counter() - t0
+    if grid is None:  # everything came from earlier shards (resume): read the grid from a probe
+        probe = torch.zeros(1, 3, size, size, device=device)
+        _, _, grid = extract(backbone.model, probe)
+    skipped = []
+    for s in range(n_shards):
+        skipped.extend(json.loads((shard_dir / f"skip_{s:05d}.json").read_text()))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "path", "reason"])
+    for row, reason in skipped:
+        w.writerow([table.ids[row], table.paths[row] or "", reason])
+    atomic_write_text(partial / "skipped.csv", buf.getvalue())
+    if backbone.has_text and table.classes:
+        prompts = [t.format(c.replace("_", " ")) for c in table.classes for t in ecfg.text_templates]
+        T = backbone.encode_texts(prompts).reshape(len(table.classes), len(ecfg.text_templates), -1).mean(1)
+        atomic_save_npy(partial / "text_embeddings.npy",
+                        torch.nn.functional.normalize(T, dim=-1).cpu().numpy().astype(np.float16))
+    write_json(partial / "meta.json", {"backbone": backbone.name, "image_size": size, "grid": list(grid),
+                                       "device": str(device)})
+    metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/image_size": size,
+               "encode/n_tokens": int(grid[0] * grid[1])}
+    if n_new and seconds > 0:
+        metrics["encode/images_per_s"] = round(n_new / seconds, 2)
+        log.info("multilabel encode: %d images in %.1fs (%.1f images/s)", n_new, seconds, n_new / seconds)
+    return metrics
+
+
+def encode_tokens(cfg: DictConfig, table: SampleTable, cache: ArtifactCache,
+                  force: bool = False) -> tuple[Path, dict, str]:
+    """Run (or reuse) the multi-label encode; return (artifact dir, metrics, key)."""
+    key = cache.key(STAGE, key_config(cfg, table))
+    final = cache.path(STAGE, key)
+    if cache.is_complete(STAGE, key) and not force:
+        log.info("multilabel encode: reusing %s", final)
+        return final, json.loads((final / "stage_metrics.json").read_text()), key
+    partial = cache.partial_path(STAGE, key)
+    metrics = _encode(cfg, table, partial)
+    write_json(partial / "stage_metrics.json", metrics)
+    cache.commit(STAGE, key, partial)
+    return final, metrics, key
+
+
+def load_features(path: Path) -> TokenFeatures:
+    """Read a ``multilabel_encode`` artifact into memory."""
+    shard_dir = Path(path) / "shards"
+    rows_files = sorted(shard_dir.glob("rows_*.npy"))
+    rows, toks, pools, skipped = [], [], [], []
+    for f in rows_files:
+        r = np.load(f)
+        skipped.extend(json.loads((shard_dir / f.name.replace("rows_", "skip_").replace(".npy", ".json")).read_text()))
+        if len(r) == 0:
+            continue
+        rows.append(r)
+        toks.append(np.load(shard_dir / f.name.replace("rows_", "tok_")))
+        pools.append(np.load(shard_dir / f.name.replace("rows_", "pool_")))
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    text_f = Path(path) / "text_embeddings.npy"
+    if not rows:
+        return TokenFeatures(np.zeros(0, np.int64), np.zeros((0, 0, 0), np.float16), np.zeros((0, 0), np.float32),
+                             tuple(meta["grid"]), None, skipped)
+    return TokenFeatures(rows=np.concatenate(rows), tokens=np.concatenate(toks),
+                         pooled=np.concatenate(pools).astype(np.float32), grid=tuple(meta["grid"]),
+                         text=np.load(text_f).astype(np.float32) if text_f.exists() else None, skipped=skipped)

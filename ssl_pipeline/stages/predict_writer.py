@@ -1,0 +1,346 @@
+"""Inference with Lightning ``Trainer.predict`` across processes: each rank writes its own shard.
+
+Two uses:
+
+* :func:`encode_shards` - the encode stage's work with ``trainer.devices > 1``: encode shards
+  (``shard_size`` table rows each) are dealt to the ranks; every rank writes the shards it
+  encodes, in the encode artifact's own layout (``emb_/rows_/skip_NNNNN``, ``rows_`` last), so
+  the result is byte-identical to a one-process encode and an interrupted run resumes from
+  finished shards. Batches never cross a shard, exactly as in the one-process loop.
+* :func:`predict_arrays` - any per-item inference (view banks, re-encoding with a retrained
+  tower, test predictions): each rank writes ``part_<rank>.pt`` with the outputs of its
+  contiguous slice of the items; after a barrier every rank reads all parts, merged by index.
+
+Processes: with ``strategy=ddp`` Lightning starts the other ranks by running the same command
+again (``python -m ssl_pipeline ...``); they redo the cheap, cached stages and meet rank 0 at the
+first ``Trainer``. A DDP *section* (an encode, or the whole retrain stage) ends with
+:func:`end_ddp_section`: the re-launched ranks exit there (rank 0 alone writes artifacts and
+metrics) and rank 0 closes the process group, so a later section starts fresh workers. DDP on
+CPU uses gloo.
+
+``python -m ssl_pipeline.stages.predict_writer OVERRIDES --out DIR`` encodes the rows of a
+config's data into ``DIR/shards`` (used by the DDP test; also handy on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# trainers and DDP sections
+# ---------------------------------------------------------------------------------------------
+
+
+def make_trainer(tcfg: DictConfig | dict | None, **kw) -> L.Trainer:
+    """A Trainer from the ``trainer`` config group (accelerator, devices, strategy, precision, deterministic).
+
+    ``use_distributed_sampler`` is off: the samplers here shard by rank themselves.
+    """
+    t = dict(tcfg or {})
+    devices = t.get("devices", 1)
+    strategy = t.get("strategy", "auto")
+    accelerator = t.get("accelerator", "cpu")
+    args = dict(accelerator=accelerator, devices=devices, strategy=strategy,
+                precision=t.get("precision", "32-true"), deterministic=bool(t.get("deterministic", True)),
+                use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def is_relaunched_worker() -> bool:
+    """True in a rank > 0 process that Lightning's script launcher started (not torchrun/SLURM)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 and "TORCHELASTIC_RUN_ID" not in os.environ \
+        and "SLURM_PROCID" not in os.environ
+
+
+class DDPSection:
+    """``with DDPSection(): ...`` around work that may create DDP trainers.
+
+    On exit, a worker that Lightning re-launched for this section exits the process
+    (``sys.exit(0)``); rank 0, if it launched them, closes the process group and forgets the
+    launch environment so that the next section launches its own workers.
+    """
+
+    _ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+    def __enter__(self):
+        self.launcher_here = "LOCAL_RANK" not in os.environ
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            return False
+        if is_relaunched_worker():
+            log.info("DDP worker (rank %s): section done, exiting", os.environ.get("LOCAL_RANK"))
+            sys.exit(0)
+        if self.launcher_here and "LOCAL_RANK" in os.environ:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for k in self._ENV:
+                os.environ.pop(k, None)
+        return False
+
+
+def wants_ddp(cfg: DictConfig) -> bool:
+    """Whether ``cfg.trainer`` asks for more than one process (``devices`` other than 1, or a ddp strategy)."""
+    t = cfg.get("trainer")
+    if t is None:
+        return False
+    devices = t.get("devices", 1)
+    many = not (isinstance(devices, int) and devices == 1) and str(devices) not in ("1", "[0]")
+    return many or "ddp" in str(t.get("strategy", "auto"))
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous slice [start, stop) of n items for ``rank`` of ``world``."""
+    per = math.ceil(n / world) if world else n
+    return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+# ---------------------------------------------------------------------------------------------
+# generic per-item inference
+# ---------------------------------------------------------------------------------------------
+
+
+class ItemPredictor(L.LightningModule):
+    """Runs ``fn(module, batch) -> dict[str, Tensor]`` (with an ``idx`` entry) over ``dataset``.
+
+    ``net`` is registered so that Lightning moves it to the device.
+    """
+
+    def __init__(self, net: torch.nn.Module, dataset, fn, batch_size: int = 128, collate_fn=None,
+                 num_workers: int = 0):
+        super().__init__()
+        self.net = net
+        self.dataset, self.fn, self.batch_size = dataset, fn, int(batch_size)
+        self.collate_fn, self.num_workers = collate_fn, int(num_workers)
+
+    def predict_dataloader(self):
+        start, stop = rank_slice(len(self.dataset), self.trainer.global_rank, self.trainer.world_size)
+        sub = torch.utils.data.Subset(self.dataset, range(start, stop))
+        return torch.utils.data.DataLoader(sub, batch_size=self.batch_size, shuffle=False,
+                                           collate_fn=self.collate_fn, num_workers=self.num_workers)
+
+    def predict_step(self, batch, batch_idx):
+        with torch.no_grad():
+            return self.fn(self.net, batch)
+
+
+class PartWriter(BasePredictionWriter):
+    """Collects a rank's outputs and writes them to ``<out_dir>/part_<rank>.pt`` at the end of predict."""
+
+    def __init__(self, out_dir: Path):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.parts: dict[str, list] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for k, v in prediction.items():
+            self.parts.setdefault(k, []).append(v.detach().cpu())
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = {k: torch.cat(v) for k, v in self.parts.items()}
+        tmp = self.out_dir / f".part_{trainer.global_rank}.pt.tmp"
+        torch.save(out, tmp)
+        os.replace(tmp, self.out_dir / f"part_{trainer.global_rank}.pt")
+        self.parts = {}
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier("parts written")
+
+
+def predict_arrays(net: torch.nn.Module, dataset, fn, out_dir: Path, tcfg=None, batch_size: int = 128,
+                   collate_fn=None, num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """``fn`` over every item of ``dataset`` with ``Trainer.predict`` (sharded over the ranks).
+
+    Returns ``{name: tensor}`` merged from every rank's part and ordered by the ``idx`` output
+    (the item index), on every rank.
+    """
+    out_dir = Path(out_dir)
+    for f in out_dir.glob("part_*.pt"):
+        f.unlink()
+    trainer = make_trainer(tcfg, logger=False, callbacks=[PartWriter(out_dir)])
+    world = trainer.world_size
+    trainer.predict(ItemPredictor(net, dataset, fn, batch_size, collate_fn, num_workers), return_predictions=False)
+    parts = [torch.load(out_dir / f"part_{r}.pt", weights_only=True) for r in range(world)]
+    parts = [p for p in parts if p]
+    merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    order = torch.argsort(merged["idx"])
+    return {k: v[order] for k, v in merged.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# encode shards
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardBatches(torch.utils.data.Sampler):
+    """Batches (positions into the table) of the shards of one rank; no batch crosses a shard."""
+
+    def __init__(self, shards: list[int], n_rows: int, shard_size: int, batch_size: int):
+        self.shards, self.N, self.S, self.B = shards, n_rows, shard_size, batch_size
+
+    def _batches(self):
+        for s in self.shards:
+            lo, hi = s * self.S, min(self.N, (s + 1) * self.S)
+            for b in range(lo, hi, self.B):
+                yield list(range(b, min(hi, b + self.B)))
+
+    def __iter__(self):
+        return self._batches()
+
+    def __len__(self):
+        return sum(math.ceil((min(self.N, (s + 1) * self.S) - s * self.S) / self.B) for s in self.shards)
+
+
+class EncodeModule(L.LightningModule):
+    """predict_step: a batch of images -> L2-normalised float16 embeddings, with their rows and skips."""
+
+    def __init__(self, backbone, table, todo: list[int], shard_size: int, batch_size: int, precision: str,
+                 num_workers: int = 0):
+        super().__init__()
+        self.model = backbone.model
+        self.backbone = backbone
+        self.table, self.todo = table, list(todo)
+        self.S, self.B, self.precision_name, self.nw = int(shard_size), int(batch_size), precision, int(num_workers)
+
+    def setup(self, stage: str):
+        # every rank works from rank 0's list of unfinished shards
+        self.todo = self.trainer.strategy.broadcast(self.todo, src=0)
+
+    def my_shards(self) -> list[int]:
+        return self.todo[self.trainer.global_rank::self.trainer.world_size]
+
+    def predict_dataloader(self):
+        from ssl_pipeline.data.images import TableImages, collate_skipping
+
+        ds = TableImages(self.table, np.arange(len(self.table)), self.backbone.preprocess)
+        return torch.utils.data.DataLoader(ds, batch_sampler=ShardBatches(self.my_shards(), len(self.table), self.S,
+                                                                          self.B),
+                                           collate_fn=collate_skipping, num_workers=self.nw,
+                                           prefetch_factor=4 if self.nw > 0 else None)
+
+    def predict_step(self, batch, batch_idx):
+        from ssl_pipeline.stages.encode import autocast_dtype
+
+        images, rows, skipped = batch
+        emb = np.zeros((0, self.backbone.embed_dim), np.float16)
+        if images is not None:
+            x = images.to(memory_format=torch.channels_last)
+            dt = autocast_dtype(self.precision_name, x.device)
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=dt, enabled=dt is not None):
+                e = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+            emb = e.float().cpu().numpy().astype(np.float16)
+        return {"emb": emb, "rows": rows.cpu().numpy(), "skipped": skipped}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each finished encode shard of this rank: ``emb_``, ``skip_``, then ``rows_`` (completion mark)."""
+
+    def __init__(self, shard_dir: Path, n_rows: int, shard_size: int, embed_dim: int):
+        super().__init__(write_interval="batch")
+        self.dir, self.N, self.S, self.D = Path(shard_dir), n_rows, shard_size, embed_dim
+        self.acc: dict[int, dict] = {}
+        self.n_written = 0
+        self.n_images = 0
+        self.n_total = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        from ssl_pipeline.artifacts import atomic_save_npy, atomic_write_text
+
+        rows, skipped = prediction["rows"], prediction["skipped"]
+        first = int(rows[0]) if len(rows) else int(skipped[0][0])
+        s = first // self.S
+        a = self.acc.setdefault(s, {"emb": [], "rows": [], "skipped": [], "seen": 0})
+        a["emb"].append(prediction["emb"])
+        a["rows"].append(rows)
+        a["skipped"].extend([[int(r), str(e)] for r, e in skipped])
+        a["seen"] += len(rows) + len(skipped)
+        self.n_images += len(rows)
+        for row, reason in skipped:
+            log.warning("skipping unreadable image %s (%s)", pl_module.table.paths[row] or pl_module.table.ids[row],
+                        reason)
+        if a["seen"] == min(self.N, (s + 1) * self.S) - s * self.S:
+            emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, self.D), np.float16)
+            import json
+
+            atomic_save_npy(self.dir / f"emb_{s:05d}.npy", emb)
+            atomic_write_text(self.dir / f"skip_{s:05d}.json", json.dumps(a["skipped"]))
+            atomic_save_npy(self.dir / f"rows_{s:05d}.npy", np.concatenate(a["rows"]).astype(np.int64))
+            del self.acc[s]
+            self.n_written += 1
+
+    def on_predict_end(self, trainer, pl_module):
+        total = trainer.strategy.reduce(torch.tensor(float(self.n_images)), reduce_op="sum")
+        self.n_total = int(total.item())
+        trainer.strategy.barrier("shards written")
+
+
+def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], backbone=None) -> tuple[int, float]:
+    """Encode the shards ``todo`` of ``table`` into ``shard_dir`` with ``Trainer.predict`` on ``cfg.trainer``.
+
+    The files are those of the one-process encode loop (same batches, same bytes). Returns
+    (images encoded by this process, seconds). Meant to be called inside a :class:`DDPSection`
+    (re-launched workers exit when it closes). The count is over all ranks.
+    """
+    from ssl_pipeline.backbones import load_backbone
+
+    ecfg = cfg.encode
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if backbone is None:
+        backbone = load_backbone(cfg.backbone, device="cpu")
+    backbone.model.to(memory_format=torch.channels_last)
+    writer = ShardWriter(shard_dir, len(table), int(ecfg.shard_size), backbone.embed_dim)
+    trainer = make_trainer(cfg.get("trainer"), logger=False, callbacks=[writer])
+    module = EncodeModule(backbone, table, todo, int(ecfg.shard_size), int(ecfg.batch_size), str(ecfg.precision),
+                          int(ecfg.num_workers))
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*custom batch sampler.*")  # ShardBatches returns every row
+        trainer.predict(module, return_predictions=False)
+    return writer.n_total, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ssl_pipeline.stages.predict_writer --out DIR [--conf DIR] OVERRIDES``: encode every row."""
+    import argparse
+
+    from hydra import compose, initialize_config_dir
+
+    from ssl_pipeline.data.sources import build_table
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--conf", default=str(Path(__file__).resolve().parents[2] / "conf"))
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    with initialize_config_dir(config_dir=a.conf, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=a.overrides)
+    table = build_table(cfg.data)
+    S = int(cfg.encode.shard_size)
+    shard_dir = Path(a.out) / "shards"
+    todo = [s for s in range(math.ceil(len(table) / S)) if not (shard_dir / f"rows_{s:05d}.npy").exists()]
+    with DDPSection():
+        n, sec = encode_shards(table, cfg, shard_dir, todo)
+    print(f"encoded {n} images into {shard_dir} in {sec:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The alignment head on its own, and the whole multi-label path end to end with the tiny CLIP."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_pipeline.artifacts import ArtifactCache
+from ssl_pipeline.data.multilabel import multilabel_csv_table
+from ssl_pipeline.errors import ConfigError
+from ssl_pipeline.multilabel import run as mlrun
+from ssl_pipeline.multilabel.head import AlignmentHead, init_class_embeddings
+from ssl_pipeline.multilabel.train import fit, predict
+from tests.conftest import make_config
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+
+
+def make_mosaics(root: Path, n: int = 48, seed: int = 0) -> Path:
+    """2 x 2 mosaics (32 px) of coloured noisy tiles or gray; labels = colours present; 25% test via a split column."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        canvas = np.full((32, 32, 3), 128, np.float32)
+        present = set()
+        for t in range(4):
+            if rng.random() < 0.6:
+                c = names[(i + t) % 4] if t == 0 else names[rng.integers(4)]
+                present.add(c)
+                r, q = divmod(t, 2)
+                canvas[16 * r:16 * r + 16, 16 * q:16 * q + 16] = COLOURS[c]
+        if not present:
+            c = names[i % 4]
+            present.add(c)
+            canvas[:16, :16] = COLOURS[c]
+        canvas += rng.normal(0, 12, canvas.shape)
+        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(root / "img" / f"{i:03d}.png")
+        rows.append([f"{i:03d}.png", *[int(c in present) for c in names], "test" if i % 4 == 3 else "train"])
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Filenames", *names, "split"])
+        w.writerows(rows)
+    return root
+
+
+def synthetic_tokens(n: int, C: int = 3, P: int = 9, d: int = 16, seed: int = 0):
+    """Tokens (n, P, d): label c present = one random token carries the pattern e_c; else noise only."""
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randn(C, d, generator=g) * 2.0
+    Y = (torch.rand(n, C, generator=g) < 0.4).float()
+    x = torch.randn(n, P, d, generator=g) * 0.5
+    for i in range(n):
+        for c in torch.nonzero(Y[i]).flatten():
+            x[i, torch.randint(0, P, (1,), generator=g)] += pattern[c]
+    return x, Y
+
+
+def test_head_shapes_and_attention():
+    x, Y = synthetic_tokens(10)
+    e = init_class_embeddings(x.numpy(), Y.numpy())
+    head = AlignmentHead(16, e, np.array([0, 0, 1]), hidden=8)
+    logits, ctx = head(x)
+    assert logits.shape == (10, 3) and ctx.shape == (10, 2)
+    v, q, att, g = head.features(x)
+    assert v.shape == (10, 3, 8) and q.shape == (3, 8) and att.shape == (10, 3, 9) and g.shape == (10, 8)
+    assert torch.allclose(att.sum(-1), torch.ones(10, 3), atol=1e-5)
+    keep = torch.zeros(10, 9, dtype=torch.bool)
+    keep[:, 0] = True
+    _, _, att, _ = head.features(x, keep)
+    assert torch.allclose(att[..., 0], torch.ones(10, 3))  # dropped tokens get no attention
+
+
+def test_head_learns_a_token_level_task():
+    x, Y = synthetic_tokens(300)
+    x_tr, Y_tr = x[:200], Y[:200]
+    x_te, Y_te = x[200:], Y[200:]
+    e = init_class_embeddings(x_tr.numpy(), Y_tr.numpy())
+    settings = dict(mlrun.DEFAULTS, steps=60, warmup_steps=0, batch_labeled=32, lr=1e-2)
+    module = fit(AlignmentHead(16, e, np.array([0, 1, 2]), hidden=16), x_tr, Y_tr, Y_tr, None, None, settings, 0)
+    S, _ = predict(module.teacher, x_te)
+    assert mlrun.macro_map(Y_te.numpy().astype(int), S) > 0.9
+
+
+def tiny_ml_config(root: Path, tmp: Path, *extra: str):
+    return make_config(
+        "backbone=tiny", "data=multilabel_csv", f"data.root={root / 'img'}", f"data.manifest={root / 'labels.csv'}",
+        "data.labeled_fraction=0.3", "data.image_size=null", "encode.shard_size=16", "encode.batch_size=16",
+        "++multilabel.steps=30", "++multilabel.warmup_steps=10", "++multilabel.refresh_every=10",
+        "++multilabel.pseudo.knn_k=5", "++multilabel.token_dim=16", *extra, cache_dir=tmp / "cache")
+
+
+def test_run_end_to_end_on_tiny_mosaics(tmp_path, monkeypatch):
+    root = make_mosaics(tmp_path / "mosaics")
+    cfg = tiny_ml_config(root, tmp_path)
+    table = multilabel_csv_table(cfg.data)
+    cache = ArtifactCache(cfg.paths.cache_dir)
+    m = mlrun.run(cfg, table, cache, tmp_path / "run")
+    for k in ("retrain/test_map", "retrain/labeled_only_test_map", "pseudolabel/precision", "pseudolabel/recall",
+              "pseudolabel/coverage", "contexts/n_contexts", "encode/n_images"):
+        assert k in m, k
+    assert 0 <= m["retrain/test_map"] <= 1 and 0 <= m["pseudolabel/coverage"] <= 1
+    n_unl = int((table.train & ~table.labeled).sum())
+    run_dir = tmp_path / "run"
+    rows = list(csv.DictReader((run_dir / "pseudolabels_multilabel.csv").open()))
+    assert len(rows) == n_unl * 4 and set(rows[0]) >= {"id", "path", "label", "score", "decision", "masked", "true"}
+    generic = list(csv.DictReader((run_dir / "pseudolabels.csv").open()))
+    assert len(generic) == n_unl and generic[0]["label_id"] == "-1"
+    assert all(set(r["label"].split("|")) <= set(COLOURS) | {""} for r in generic)
+    assert json.loads((run_dir / "contexts.json").read_text())["classes"] == list(COLOURS)
+    # a second run reuses both cached stages: no backbone, no training
+    import ssl_pipeline.backbones as bb
+    import ssl_pipeline.multilabel.run as runmod
+
+    monkeypatch.setattr(bb, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    monkeypatch.setattr(runmod, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))
+    m2 = mlrun.run(cfg, table, cache, tmp_path / "run2")
+    assert m2["retrain/test_map"] == pytest.approx(m["retrain/test_map"])
+    assert (tmp_path / "run2" / "pseudolabels.csv").read_bytes() == (run_dir / "pseudolabels.csv").read_bytes()
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    root = make_mosaics(tmp_path / "mosaics", n=32)
+    (root / "img" / "005.png").write_bytes(b"not an image")
+    cfg = tiny_ml_config(root, tmp_path, "stage=encode")
+    m = mlrun.run(cfg, multilabel_csv_table(cfg.data), ArtifactCache(cfg.paths.cache_dir), tmp_path / "run")
+    assert m["encode/n_skipped"] == 1 and "retrain/test_map" not in m
+    assert "005.png" in (tmp_path / "run" / "skipped.csv").read_text()
+
+
+def test_bad_settings_name_their_key(tmp_path):
+    root = make_mosaics(tmp_path / "mosaics", n=16)
+    with pytest.raises(ConfigError, match="multilabel.pseudo.band"):
+        mlrun.settings(tiny_ml_config(root, tmp_path, "++multilabel.pseudo.band=1.5"))
+    with pytest.raises(ConfigError, match="multilabel.nope"):
+        mlrun.settings(tiny_ml_config(root, tmp_path, "++multilabel.nope=1"))
