@@ -71,6 +71,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         from ssl_pipeline.multilabel.run import run as run_multilabel
 
         metrics.update(run_multilabel(cfg, table, cache, run_dir))
+        if "report" in todo:
+            finish(cfg, metrics, artifacts, run_dir, t0, quiet=True)
+            from ssl_pipeline.stages import report
+
+            metrics.update(report.run(cfg, table, run_dir, artifacts, metrics))
         return finish(cfg, metrics, artifacts, run_dir, t0)
 
     enc_dir, m, key = encode.run(cfg, table, cache, force=forced(cfg, "encode"))

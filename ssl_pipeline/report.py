@@ -353,6 +353,8 @@ REQUIREMENTS: dict[str, tuple[Callable[[RunArtifacts], bool], str]] = {
     "noise_flags": (lambda r: r.noise is not None and bool((r.noise & r.unlabeled).any()),
                     "the labeler flagged no sample as noise"),
     "tiers": (lambda r: has_tiers(r), "the labeler provides no tiers (one tier for every pseudo-label)"),
+    "multilabel_decisions": (lambda r: bool(multilabel_decisions(r)),
+                             "no multi-label pseudo-label decisions (single-label run, or no unlabeled images)"),
 }
 
 
@@ -775,6 +777,84 @@ def plot_tiers(run: RunArtifacts) -> Figure:
     return fig
 
 
+# ------------------------------------------------------------------------------------- multi-label
+def multilabel_decisions(run: RunArtifacts) -> list[dict]:
+    """Rows of the run's ``pseudolabels_multilabel.csv`` (one per unlabeled image and label), or [] if absent."""
+    if run.run_dir is None:
+        return []
+    path = Path(run.run_dir) / "pseudolabels_multilabel.csv"
+    if not path.exists():
+        return []
+    cached = getattr(run, "_ml_rows", None)
+    if cached is None:
+        with open(path, newline="") as f:
+            cached = list(csv.DictReader(f))
+        object.__setattr__(run, "_ml_rows", cached)
+    return cached
+
+
+def multilabel_table(run: RunArtifacts) -> list[dict]:
+    """Per label of a multi-label run: class-aware threshold and what the pseudo-labels decided.
+
+    ``n_positive`` = images given the label, ``masked_share`` = share of images whose score fell in the
+    uncertain band (left out of the loss), ``n_vetoed`` = positives removed by the context veto; where
+    truth is known ``precision`` and ``recall`` of the positive decisions.
+    """
+    _require(run, ["multilabel_decisions"])
+    by_label: dict[str, dict] = {}
+    for r in multilabel_decisions(run):
+        d = by_label.setdefault(r["label"], {"n": 0, "pos": 0, "masked": 0, "vetoed": 0, "tp": 0, "true": 0,
+                                             "known": 0, "pos_known": 0})
+        d["n"] += 1
+        dec = r["decision"] == "1"
+        d["pos"] += dec
+        d["masked"] += r["masked"] == "1"
+        d["vetoed"] += r.get("vetoed") == "1"
+        if r.get("true", "") != "":
+            t = r["true"] == "1"
+            d["known"] += 1
+            d["true"] += t
+            d["pos_known"] += dec
+            d["tp"] += dec and t
+    out = []
+    for name, d in by_label.items():
+        thr = run.metrics.get(f"pseudolabel/threshold/{name}")
+        row = {"label": name, "threshold": thr, "n_positive": d["pos"], "masked_share": d["masked"] / max(d["n"], 1),
+               "n_vetoed": d["vetoed"]}
+        if d["known"]:
+            row.update({"n_true": d["true"], "precision": d["tp"] / d["pos_known"] if d["pos_known"] else None,
+                        "recall": d["tp"] / d["true"] if d["true"] else None})
+        out.append(row)
+    return out
+
+
+def plot_multilabel(run: RunArtifacts) -> Figure:
+    """Per label: positive pseudo-labels vs true positives, precision / recall, masked share."""
+    rows = multilabel_table(run)
+    truth = bool(rows) and "precision" in rows[0]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(7.0, 0.6 * len(rows) + 3), 6.0), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    ax = axes[0]
+    if truth:
+        for k, (key, col) in enumerate((("precision", "#3b75af"), ("recall", "#ef8636"))):
+            ax.bar(x + (k - 0.5) * 0.35, [np.nan if r[key] is None else r[key] for r in rows], 0.35, label=key,
+                   color=col)
+    ax.plot(x, [r["masked_share"] for r in rows], "s--", color="#555555", label="masked share")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax = axes[1]
+    ax.bar(x - 0.2, [r["n_positive"] for r in rows], 0.4, label="positive pseudo-labels", color="#3b75af")
+    if truth:
+        ax.bar(x + 0.2, [r["n_true"] for r in rows], 0.4, label="true positives", color="#bbbbbb")
+    ax.plot(x, [r["n_vetoed"] for r in rows], "v", color=RED, label="vetoed by context")
+    ax.set_ylabel("unlabeled images")
+    ax.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_xticks(x, [_short(r["label"], 14) for r in rows], rotation=45, ha="right", fontsize=8)
+    fig.suptitle("multi-label pseudo-labels per label (class-aware thresholds)", fontsize=10)
+    return fig
+
+
 # ------------------------------------------------------------------------------------------ calibration
 def calibration_table(run: RunArtifacts, n_bins: int = 10) -> list[dict]:
     """Equal-width confidence bins over the pseudo-labels with known truth: count, mean confidence, accuracy."""
@@ -878,6 +958,10 @@ VIEWS: list[View] = [
     View("calibration", "Confidence calibration", ("labels", "truth", "confidence"),
          lambda r, m: plot_calibration(r), table=calibration_table,
          caption="Accuracy per confidence bin: bars under the diagonal mean over-confidence."),
+    View("multilabel", "Multi-label pseudo-label decisions", ("multilabel_decisions",),
+         lambda r, m: plot_multilabel(r), table=multilabel_table,
+         caption="Per label: positives decided by the class-aware thresholds, their precision and recall where "
+                 "truth is known, the share of scores in the masked uncertain band, and context vetoes."),
 ]
 
 

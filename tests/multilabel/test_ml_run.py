@@ -115,6 +115,14 @@ def test_run_end_to_end_on_tiny_mosaics(tmp_path, monkeypatch):
     assert len(generic) == n_unl and generic[0]["label_id"] == "-1"
     assert all(set(r["label"].split("|")) <= set(COLOURS) | {""} for r in generic)
     assert json.loads((run_dir / "contexts.json").read_text())["classes"] == list(COLOURS)
+    # the report stage draws the per-label decisions of a multi-label run
+    from ssl_pipeline.stages import report
+
+    rm = report.run(cfg, table, run_dir, {}, m)
+    pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
+    assert rm["report/n_figures"] >= 1 and any("multilabel" in p for p in pngs), pngs
+    html = (run_dir / "report.html").read_text()
+    assert "Multi-label pseudo-label decisions" in html and "precision" in html
     # a second run reuses both cached stages: no backbone, no training
     import ssl_pipeline.backbones as bb
     import ssl_pipeline.multilabel.run as runmod
@@ -141,3 +149,4 @@ def test_bad_settings_name_their_key(tmp_path):
         mlrun.settings(tiny_ml_config(root, tmp_path, "++multilabel.pseudo.band=1.5"))
     with pytest.raises(ConfigError, match="multilabel.nope"):
         mlrun.settings(tiny_ml_config(root, tmp_path, "++multilabel.nope=1"))
+
