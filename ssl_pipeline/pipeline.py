@@ -24,6 +24,14 @@ from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator banners, tips) out of the run's output; warnings still show."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        if lg.level in (logging.NOTSET, logging.DEBUG, logging.INFO):
+            lg.setLevel(logging.WARNING)
+
 STAGES = ["encode", "cluster", "pseudolabel", "retrain", "report"]
 
 
@@ -60,6 +68,7 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the pipeline described by ``cfg``; write outputs to ``run_dir``; return the metrics."""
     todo = validate(cfg)
+    quiet_lightning()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = ArtifactCache(cfg.paths.cache_dir)
