@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "encode_speed.json"))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. backbone.pretrained=null")
     a = ap.parse_args()
 
     import torch
@@ -77,6 +78,7 @@ def main() -> None:
               f"paths.cache_dir={work / 'cache'}"]
         if a.image_size:
             ov.append(f"backbone.image_size={a.image_size}")
+        ov += a.overrides
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=ov)
         table = build_table(cfg.data)
@@ -87,12 +89,19 @@ def main() -> None:
         ds = TableImages(table, np.arange(len(table)), bb.preprocess)
         loader = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, collate_fn=collate_skipping,
                                              num_workers=a.num_workers)
+        with torch.no_grad():  # warm-up batch (CUDA context, kernels) outside the timing
+            images = next(iter(loader))[0]
+            bb.model.encode_image(images.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         t = time.perf_counter()
         n = 0
         with torch.no_grad():
             for images, rows, _ in loader:
                 bb.model.encode_image(images.to(device))
                 n += len(rows)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         plain = n / (time.perf_counter() - t)
         del bb
 
@@ -103,11 +112,14 @@ def main() -> None:
         stage_wall = m["encode/n_images"] / (time.perf_counter() - t)  # also counting model loading
     rows = [["plain loop", round(plain, 1)], ["encode stage", round(stage, 1)],
             ["encode stage incl. model load", round(stage_wall, 1)]]
-    print(f"\nEncode throughput, {a.images} images, {a.backbone}, batch {a.batch_size}, device {device}, "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(f"\nEncode throughput, {a.images} images, {a.backbone} ({cfg.backbone.image_size or 'native'} px), "
+          f"batch {a.batch_size}, device {device}, torch threads {torch.get_num_threads()}\n")
     print(markdown_table(["method", "images/s"], rows))
     print(f"\nratio encode stage / plain loop: {stage / plain:.2f}x")
     write_json(a.out, {"images": a.images, "backbone": a.backbone, "batch_size": a.batch_size, "device": str(device),
+                       "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "image_size": cfg.backbone.image_size, "overrides": a.overrides,
+                       "synthetic": a.synthetic, "num_workers": a.num_workers,
                        "plain_images_per_s": plain, "stage_images_per_s": stage,
                        "stage_wall_images_per_s": stage_wall, "ratio": stage / plain})
 

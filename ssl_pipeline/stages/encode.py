@@ -169,32 +169,38 @@ def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
         log.info("encode: resuming, %d of %d shards already done", n_shards - len(todo), n_shards)
     t0, n_new = time.perf_counter(), 0
     bar = tqdm(total=N, initial=done_rows, desc="encode", unit="img", mininterval=2.0, dynamic_ncols=True)
-    for s in todo:
-        rows = np.arange(s * S, min(N, (s + 1) * S))
-        ds = TableImages(table, rows, backbone.preprocess)
-        nw = int(ecfg.num_workers)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=int(ecfg.batch_size), shuffle=False, num_workers=nw, collate_fn=collate_skipping,
-            pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if nw > 0 else None)
-        embs, done, skipped = [], [], []
-        for images, r, skip in loader:
-            skipped.extend(skip)
-            for row, reason in skip:
-                log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
-            if images is not None:
-                x = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
-                    e = backbone.encode_images(x)
-                embs.append(e.float().cpu().numpy().astype(np.float16))
-                done.append(r.numpy())
-            bar.update(len(r) + len(skip))
-            n_new += len(r)
-        emb = np.concatenate(embs) if embs else np.zeros((0, backbone.embed_dim), np.float16)
-        atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", emb)
-        atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
-        # rows_ is written last: its presence marks the shard complete
-        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy",
-                        np.concatenate(done) if done else np.zeros(0, np.int64))
+    # One DataLoader over every shard still to do (its workers start once and prefetch across shard
+    # boundaries); batches never straddle two shards, and a shard is written as soon as its last batch is in.
+    bs = int(ecfg.batch_size)
+    plan = [(s, np.arange(start, min(N, (s + 1) * S, start + bs)))
+            for s in todo for start in range(s * S, min(N, (s + 1) * S), bs)]
+    nw = int(ecfg.num_workers)
+    loader = torch.utils.data.DataLoader(
+        TableImages(table, np.arange(N), backbone.preprocess), batch_sampler=[b.tolist() for _, b in plan],
+        num_workers=nw, collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if nw > 0 else None)
+    embs, done, skipped = [], [], []
+    for i, (images, r, skip) in enumerate(loader):
+        s = plan[i][0]
+        skipped.extend(skip)
+        for row, reason in skip:
+            log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
+        if images is not None:
+            x = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
+                e = backbone.encode_images(x)
+            embs.append(e.to(torch.float16).cpu().numpy())
+            done.append(r.numpy())
+        bar.update(len(r) + len(skip))
+        n_new += len(r)
+        if i + 1 == len(plan) or plan[i + 1][0] != s:  # the shard's last batch: write it
+            emb = np.concatenate(embs) if embs else np.zeros((0, backbone.embed_dim), np.float16)
+            atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", emb)
+            atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
+            # rows_ is written last: its presence marks the shard complete
+            atomic_save_npy(shard_dir / f"rows_{s:05d}.npy",
+                            np.concatenate(done) if done else np.zeros(0, np.int64))
+            embs, done, skipped = [], [], []
     bar.close()
     seconds = time.perf_counter() - t0
     ips = n_new / seconds if n_new and seconds > 0 else 0.0
