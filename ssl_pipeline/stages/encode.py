@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -190,28 +191,42 @@ def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
         TableImages(table, np.arange(N), backbone.preprocess), batch_sampler=[b.tolist() for _, b in plan],
         num_workers=nw, collate_fn=collate_skipping, pin_memory=_pin_memory(ecfg, device),
         prefetch_factor=4 if nw > 0 else None)
-    embs, done, skipped = [], [], []
-    for i, (images, r, skip) in enumerate(loader):
-        s = plan[i][0]
-        skipped.extend(skip)
-        for row, reason in skip:
-            log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
-        if images is not None:
-            x = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
-                e = backbone.encode_images(x)
-            embs.append(e.to(torch.float16))  # stays on the device until the shard is written: no sync per batch
-            done.append(r.numpy())
-        bar.update(len(r) + len(skip))
-        n_new += len(r)
-        if i + 1 == len(plan) or plan[i + 1][0] != s:  # the shard's last batch: write it
-            emb = torch.cat(embs).cpu().numpy() if embs else np.zeros((0, backbone.embed_dim), np.float16)
-            atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", emb)
-            atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
-            # rows_ is written last: its presence marks the shard complete
-            atomic_save_npy(shard_dir / f"rows_{s:05d}.npy",
-                            np.concatenate(done) if done else np.zeros(0, np.int64))
-            embs, done, skipped = [], [], []
+    # Finished shards are written (fsync + rename) by one background thread while encoding goes on;
+    # each shard's files are written in order, rows_ last, so a kill loses at most unwritten shards.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: list[Future] = []
+
+    def write_shard(s: int, emb: np.ndarray, skipped: list, rows: np.ndarray) -> None:
+        atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", emb)
+        atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
+        # rows_ is written last: its presence marks the shard complete
+        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy", rows)
+
+    try:
+        embs, done, skipped = [], [], []
+        for i, (images, r, skip) in enumerate(loader):
+            s = plan[i][0]
+            skipped.extend(skip)
+            for row, reason in skip:
+                log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
+            if images is not None:
+                x = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
+                    e = backbone.encode_images(x)
+                embs.append(e.to(torch.float16))  # stays on the device until the shard is written: no sync per batch
+                done.append(r.numpy())
+            bar.update(len(r) + len(skip))
+            n_new += len(r)
+            if i + 1 == len(plan) or plan[i + 1][0] != s:  # the shard's last batch: write it
+                emb = torch.cat(embs).cpu().numpy() if embs else np.zeros((0, backbone.embed_dim), np.float16)
+                rows = np.concatenate(done) if done else np.zeros(0, np.int64)
+                pending = [f for f in pending if not f.done() or f.result()]  # re-raises a failed write
+                pending.append(writer.submit(write_shard, s, emb, skipped, rows))
+                embs, done, skipped = [], [], []
+        for f in pending:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)  # an interrupted encode still keeps the shards it finished
     bar.close()
     seconds = time.perf_counter() - t0
     ips = n_new / seconds if n_new and seconds > 0 else 0.0
