@@ -25,8 +25,6 @@ Artifact folder (stage ``multilabel_encode``)::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -41,7 +39,13 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, atomic_write_text, write_json
 from ssl_pipeline.data.images import TableImages, collate_skipping
 from ssl_pipeline.data.table import SampleTable
-from ssl_pipeline.stages.encode import autocast_dtype, data_fingerprint, pick_device
+from ssl_pipeline.stages.encode import (
+    autocast_dtype,
+    data_fingerprint,
+    pick_device,
+    write_skipped,
+    write_text_embeddings,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "multilabel_encode"
@@ -187,20 +191,8 @@ def _encode(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:
     if grid is None:  # everything came from earlier shards (resume): read the grid from a probe
         probe = torch.zeros(1, 3, size, size, device=device)
         _, _, grid = extract(backbone.model, probe)
-    skipped = []
-    for s in range(n_shards):
-        skipped.extend(json.loads((shard_dir / f"skip_{s:05d}.json").read_text()))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "path", "reason"])
-    for row, reason in skipped:
-        w.writerow([table.ids[row], table.paths[row] or "", reason])
-    atomic_write_text(partial / "skipped.csv", buf.getvalue())
-    if backbone.has_text and table.classes:
-        prompts = [t.format(c.replace("_", " ")) for c in table.classes for t in ecfg.text_templates]
-        T = backbone.encode_texts(prompts).reshape(len(table.classes), len(ecfg.text_templates), -1).mean(1)
-        atomic_save_npy(partial / "text_embeddings.npy",
-                        torch.nn.functional.normalize(T, dim=-1).cpu().numpy().astype(np.float16))
+    skipped = write_skipped(table, shard_dir, n_shards, partial / "skipped.csv")
+    write_text_embeddings(backbone, table.classes, ecfg.text_templates, partial / "text_embeddings.npy")
     write_json(partial / "meta.json", {"backbone": backbone.name, "image_size": size, "grid": list(grid),
                                        "device": str(device)})
     metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/image_size": size,

@@ -161,6 +161,32 @@ def _import_embeddings(table: SampleTable, cfg: DictConfig, out: Path) -> dict:
     return {"encode/n_images": len(X), "encode/n_skipped": 0, "encode/dim": int(X.shape[1])}
 
 
+def write_skipped(table: SampleTable, shard_dir: Path, n_shards: int, path: Path) -> list:
+    """Gather the ``skip_<s>.json`` lists of ``n_shards`` shards (row order) into ``path`` (CSV: id, path, reason)."""
+    skipped = []
+    for s in range(n_shards):
+        skipped.extend(json.loads((shard_dir / f"skip_{s:05d}.json").read_text()))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "path", "reason"])
+    for row, reason in skipped:
+        w.writerow([table.ids[row], table.paths[row] or "", reason])
+    atomic_write_text(path, buf.getvalue())
+    return skipped
+
+
+def write_text_embeddings(backbone, classes: list[str], templates, path: Path) -> None:
+    """(C, d) float16 class-name text embeddings (prompt templates averaged, L2-normalised) into ``path``.
+
+    Nothing is written when the backbone has no trained text tower or there are no class names.
+    """
+    if not (backbone.has_text and classes):
+        return
+    prompts = [t.format(c.replace("_", " ")) for c in classes for t in templates]
+    T = backbone.encode_texts(prompts).reshape(len(classes), len(templates), -1).mean(1)
+    atomic_save_npy(path, torch.nn.functional.normalize(T, dim=-1).cpu().numpy().astype(np.float16))
+
+
 def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
     """Encode every row of ``table`` into shards under ``partial`` (resuming finished shards)."""
     from ssl_pipeline.backbones import load_backbone
@@ -232,21 +258,8 @@ def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
     ips = n_new / seconds if n_new and seconds > 0 else 0.0
     if n_new:
         log.info("encode: %d images in %.1fs, %.1f images/s on %s", n_new, seconds, ips, device)
-    # skipped images of every shard, in row order
-    skipped = []
-    for s in range(n_shards):
-        skipped.extend(json.loads((shard_dir / f"skip_{s:05d}.json").read_text()))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "path", "reason"])
-    for row, reason in skipped:
-        w.writerow([table.ids[row], table.paths[row] or "", reason])
-    atomic_write_text(partial / "skipped.csv", buf.getvalue())
-    if backbone.has_text and table.classes:
-        prompts = [t.format(c.replace("_", " ")) for c in table.classes for t in ecfg.text_templates]
-        T = backbone.encode_texts(prompts).reshape(len(table.classes), len(ecfg.text_templates), -1).mean(1)
-        atomic_save_npy(partial / "text_embeddings.npy",
-                        torch.nn.functional.normalize(T, dim=-1).cpu().numpy().astype(np.float16))
+    skipped = write_skipped(table, shard_dir, n_shards, partial / "skipped.csv")
+    write_text_embeddings(backbone, table.classes, ecfg.text_templates, partial / "text_embeddings.npy")
     write_json(partial / "meta.json", {"source": "images", "backbone": backbone.name, "dim": backbone.embed_dim,
                                        "image_size": backbone.image_size, "device": str(device)})
     metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/dim": backbone.embed_dim}
