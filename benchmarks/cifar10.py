@@ -6,7 +6,8 @@ Data: ``../shared/data/images/cifar10-jpeg.tar.gz`` is extracted once to
 ``~/.cache/ssl_pipeline/data/cifar10`` (never into the repository). The training pool is a seeded
 subset of the 50,000 training images, ``--pool-per-class`` per class (default 500, so 5,000
 images: what fits two CPU cores), linked (symlinks) into ``cifar10-pool<N>-seed<S>/<class>/``;
-the test set is all 10,000 test images.
+the test set is all 10,000 test images, or ``--test-per-class`` per class (a seeded subset; the
+JSON records ``test_images``).
 
 Per labels-per-class setting one pipeline run (``ssl_pipeline.pipeline.run`` on composed
 configs, so the product is what is measured) with ``retrain=finetune retrain.rounds=2``. It
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     ap.add_argument("--labels", nargs="+", type=int, default=[4, 10, 25])
     ap.add_argument("--pool-per-class", type=int, default=500)
+    ap.add_argument("--test-per-class", type=int, default=0, help="a seeded test subset per class (0 = all 10,000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cache", default=str(HOME_CACHE / "bench"))
@@ -89,9 +91,14 @@ def main() -> None:
     root = extract(archive, HOME_CACHE / "data" / "cifar10")
     pool = pool_subset(root / "train", a.pool_per_class, a.seed,
                        HOME_CACHE / "data" / f"cifar10-pool{a.pool_per_class}-seed{a.seed}")
+    test = root / "test"
+    if a.test_per_class:
+        test = pool_subset(test, a.test_per_class, a.seed,
+                           HOME_CACHE / "data" / f"cifar10-test{a.test_per_class}-seed{a.seed}")
+    n_test = sum(1 for c in test.iterdir() if c.is_dir() for _ in c.iterdir())
     runs = []
     for n in a.labels:
-        ov = ["data=image_folder", f"data.root={pool}", f"data.test_root={root / 'test'}",
+        ov = ["data=image_folder", f"data.root={pool}", f"data.test_root={test}",
               f"data.labeled_per_class={n}", f"seed={a.seed}", "retrain=finetune", f"retrain.rounds={a.rounds}",
               f"paths.cache_dir={a.cache}", *a.overrides]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -100,8 +107,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             m = pipeline.run(cfg, Path(d))
         runs.append({"labels_per_class": n, "seconds": round(time.perf_counter() - t, 1), "overrides": ov, **m})
-        write_json(a.out, {"pool_per_class": a.pool_per_class, "seed": a.seed, "overrides": a.overrides,
-                           "runs": runs})
+        write_json(a.out, {"pool_per_class": a.pool_per_class, "test_images": n_test, "seed": a.seed,
+                           "overrides": a.overrides, "runs": runs})
     header = ["labels/class", "pseudo-label acc", "labeled-only", "1 round", f"{a.rounds} rounds",
               "gain (1 round)", f"gain ({a.rounds} rounds)", "seconds"]
     rows = []
@@ -110,7 +117,7 @@ def main() -> None:
         r1, rN = r["retrain/round1/test_accuracy"], r["retrain/test_accuracy"]
         rows.append([r["labels_per_class"], r.get("pseudolabel/accuracy", float("nan")), lo, r1, rN,
                      f"{100 * (r1 - lo):+.1f} pts", f"{100 * (rN - lo):+.1f} pts", r["seconds"]])
-    print(f"\nCIFAR-10 JPEG, train pool {a.pool_per_class}/class (seed {a.seed}), test 10,000 images, "
+    print(f"\nCIFAR-10 JPEG, train pool {a.pool_per_class}/class (seed {a.seed}), test {n_test:,} images, "
           f"overrides: {' '.join(a.overrides) or 'none'}\n")
     print(markdown_table(header, rows))
 

@@ -616,15 +616,24 @@ class SimulatedInterrupt(RuntimeError):
 
 
 class InterruptAtStep(L.Callback):
-    """Fault injection for resume drills: raise :class:`SimulatedInterrupt` once ``step`` optimizer steps
-    are done (in the phase ``phase`` of the retrain stage, or any phase when None).
+    """Fault injection for resume drills: once ``step`` optimizer steps are done (in the phase ``phase``
+    of the retrain stage, or any phase when None), raise :class:`SimulatedInterrupt` (``how="raise"``)
+    or SIGKILL the process itself (``how="sigkill"``: no handler, no cleanup, as ``kill -9`` would).
 
     ``retrain.callbacks=[{_target_: ssl_pipeline.models.finetune.InterruptAtStep, step: 7}]``
     """
 
-    def __init__(self, step: int, phase: str | None = None):
-        self.step, self.phase = int(step), phase
+    def __init__(self, step: int, phase: str | None = None, how: str = "raise"):
+        if how not in ("raise", "sigkill"):
+            raise ConfigError("retrain.callbacks", f"InterruptAtStep: how must be raise or sigkill, got {how!r}")
+        self.step, self.phase, self.how = int(step), phase, how
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step and (self.phase is None or getattr(pl_module, "phase", None) == self.phase):
+            if self.how == "sigkill":
+                import os
+                import signal
+
+                log.warning("InterruptAtStep: SIGKILL after step %d of %s", trainer.global_step, pl_module.phase)
+                os.kill(os.getpid(), signal.SIGKILL)
             raise SimulatedInterrupt(f"simulated kill after step {trainer.global_step} of {pl_module.phase}")

@@ -20,8 +20,9 @@ def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 class HeadModule(L.LightningModule):
     """A classification head trained on (embedding, label, weight) triples.
 
-    Batches are ``(x (B, D) float, y (B,) int, w (B,) float)``; pseudo-labels carry
-    their confidence as weight, given labels weight 1.
+    Batches are ``(x (B, D) float, y (B,) int, w (B,) float)``, optionally with soft targets
+    ``q (B, C)`` (then the loss is the ``w``-weighted cross-entropy against ``q``; ``y`` is its
+    argmax, for reference); pseudo-labels carry their confidence as weight, given labels weight 1.
 
     Parameters
     ----------
@@ -53,10 +54,15 @@ class HeadModule(L.LightningModule):
         return self.head((x - self.feature_mean) / self.feature_std)
 
     def training_step(self, batch, batch_idx):
-        x, y, w = batch
-        loss = self.loss_fn(self(x), y, w)
-        self.log("train/loss", loss, prog_bar=False, on_step=False, on_epoch=True)
-        self.log("pseudo/weight_mean", w.mean(), on_step=False, on_epoch=True)
+        x, y, w = batch[:3]
+        logits = self(x)
+        if len(batch) > 3:  # soft targets (B, C): weighted cross-entropy against a distribution
+            ce = -(batch[3] * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+            loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+        else:
+            loss = self.loss_fn(logits, y, w)
+        self.log("train/loss", loss.detach(), prog_bar=False, on_step=True, on_epoch=False)
+        self.log("pseudo/weight_mean", w.mean(), on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx):

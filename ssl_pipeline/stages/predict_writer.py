@@ -173,12 +173,16 @@ def predict_arrays(net: torch.nn.Module, dataset, fn, out_dir: Path, tcfg=None, 
     (the item index), on every rank.
     """
     out_dir = Path(out_dir)
-    for f in out_dir.glob("part_*.pt"):
-        f.unlink()
     trainer = make_trainer(tcfg, logger=False, callbacks=[PartWriter(out_dir)])
-    world = trainer.world_size
+    world, rank = trainer.world_size, trainer.global_rank
+    # each rank removes only its own file, and only once every rank has read it: a rank that clears the folder
+    # at the start of the next call must not delete a part a slower rank is still reading from this call
+    (out_dir / f"part_{rank}.pt").unlink(missing_ok=True)  # a stale part of an interrupted run
     trainer.predict(ItemPredictor(net, dataset, fn, batch_size, collate_fn, num_workers), return_predictions=False)
     parts = [torch.load(out_dir / f"part_{r}.pt", weights_only=True) for r in range(world)]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has read every part
+    (out_dir / f"part_{rank}.pt").unlink(missing_ok=True)
     parts = [p for p in parts if p]
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     order = torch.argsort(merged["idx"])

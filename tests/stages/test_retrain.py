@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ssl_pipeline import pipeline
 from ssl_pipeline.models.finetune import SimulatedInterrupt
-from tests.conftest import make_config, tiny_overrides
+from tests.conftest import ROOT, make_config, tiny_overrides
 
 FT = ["retrain=finetune", "retrain.steps=8", "retrain.batch_size=16", "retrain.checkpoint_every=3",
       "retrain.eval_batch_size=64", "retrain.log_every=2"]
@@ -80,6 +83,30 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, image_root
     a = torch.load(tmp_path / "clean" / "retrain" / "round1" / "model.pt", weights_only=True)
     b = torch.load(ck / "round1" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_after_a_sigkill_through_the_cli(tmp_path, image_root):
+    """``kill -9`` of the CLI mid-epoch in round1 (after the step-3 checkpoint), then ``retrain.resume=true``:
+    the same final metrics and weights as an uninterrupted run."""
+    extra = ["retrain.tower.unfreeze_last=1", "retrain.ema=0.9"]
+    ov = [*tiny_overrides(image_root), *FT, *extra]
+    kill = ("retrain.callbacks=[{_target_: ssl_pipeline.models.finetune.InterruptAtStep, step: 5, phase: round1, "
+            "how: sigkill}]")
+    p = subprocess.run([sys.executable, "-m", "ssl_pipeline", *ov, kill, f"hydra.run.dir={tmp_path / 'killed'}",
+                        f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-3000:]
+    ck = tmp_path / "killed" / "retrain"
+    assert (ck / "labeled_only" / "done.json").exists() and not (ck / "round1" / "done.json").exists()
+    assert torch.load(ck / "round1" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    clean = run(tmp_path, image_root, *extra, name="clean")
+    resumed = run(tmp_path, image_root, *extra, "retrain.resume=true", "force=[retrain]", name="killed")
+    for k in ("retrain/test_accuracy", "retrain/labeled_only_test_accuracy", "retrain/round1/test_accuracy"):
+        assert abs(resumed[k] - clean[k]) <= 0.005, k
+    a = torch.load(tmp_path / "clean" / "retrain" / "round1" / "model.pt", weights_only=True)
+    b = torch.load(ck / "round1" / "model.pt", weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
