@@ -44,8 +44,8 @@ def test_report_stage_writes_pngs_and_a_self_contained_html(tiny_run):
     run_dir = tiny_run["run_dir"]
     m = stage(tiny_run, run_dir)
     assert m["report/n_failed"] == 0
-    # knn labeler: no tiers, no noise flags; everything else applies to a run with truth and images
-    assert m["report/n_figures"] == len(report.VIEWS) - 2 and m["report/n_skipped"] == 2
+    # knn labeler: no tiers, no noise flags; single-label: no multi-label decisions; everything else applies
+    assert m["report/n_figures"] == len(report.VIEWS) - 3 and m["report/n_skipped"] == 3
     pngs = sorted((run_dir / "report").glob("*.png"))
     assert len(pngs) == m["report/n_figures"]
     assert {p.stem.split("_", 1)[1] for p in pngs} >= {"map_clusters", "map_labels", "map_correct",
