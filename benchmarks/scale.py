@@ -1,7 +1,7 @@
 """Pseudo-labeling at scale: HDL through the command line vs sklearn LabelSpreading (kNN kernel).
 
     python benchmarks/scale.py [--sizes 50000 200000 1000000] [--dim 512] [--classes 100]
-                               [--ls-timeout 1800] [--labeler hdl]
+                               [--ls-timeout 1800] [--labeler hdl] [--exact-sizes 200000] [--append]
 
 Data: ``clustered_embeddings`` below (fixed seed): each of ``classes`` classes is a
 mixture of 3 Gaussian modes around random unit centres in ``dim`` dimensions,
@@ -11,13 +11,19 @@ Each size runs ``python -m ssl_pipeline stage=pseudolabel data=embeddings ...``
 in a subprocess under ``/usr/bin/time -v`` (wall time, peak RSS), reads
 ``metrics.json`` (accuracy, kNN recall), then fits sklearn ``LabelSpreading(
 kernel="knn", n_neighbors=10, alpha=0.2)`` on the same data in a subprocess with
-a time limit. Prints a markdown table and writes benchmarks/results/scale.json.
+a time limit (sizes above ``--skip-ls-above`` are recorded as not run). Sizes in
+``--exact-sizes`` also run HDL on the exact graph (``cluster.index=flat``), to
+measure what the approximate graph costs in accuracy. Prints a markdown table and
+writes benchmarks/results/scale.json (``--append`` adds to the rows already there,
+replacing rows of the same size and method).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -83,7 +89,9 @@ def main() -> None:
     ap.add_argument("--labeler", default="hdl")
     ap.add_argument("--ls-timeout", type=int, default=1800)
     ap.add_argument("--skip-ls-above", type=int, default=200_000, help="skip LabelSpreading above this size")
-    ap.add_argument("--exact", action="store_true", help="also run HDL with an exact index (cluster.index=flat)")
+    ap.add_argument("--exact-sizes", nargs="*", type=int, default=[200_000],
+                    help="sizes that also run HDL with an exact graph (cluster.index=flat)")
+    ap.add_argument("--append", action="store_true", help="merge into the existing results file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scale.json"))
     a = ap.parse_args()
     results = []
@@ -94,7 +102,7 @@ def main() -> None:
             f = work / f"synth{n}.npz"
             np.savez(f, X=X, y=np.where(mask, y, -1), y_true=y)
             del X
-            variants = [("auto", [])] + ([("flat", ["cluster.index=flat"])] if a.exact else [])
+            variants = [("auto", [])] + ([("flat", ["cluster.index=flat"])] if n in a.exact_sizes else [])
             for name, extra in variants:
                 rd = work / f"run{n}{name}"
                 rc, wall, rss, tail = timed([sys.executable, "-m", "ssl_pipeline", "stage=pseudolabel",
@@ -107,7 +115,11 @@ def main() -> None:
                 m = json.loads((rd / "metrics.json").read_text())
                 results.append({"n": n, "method": f"{a.labeler} ({name} index)", "seconds": wall, "peak_rss_gb": rss,
                                 "accuracy": m.get("pseudolabel/accuracy"), "knn_recall": m.get("cluster/knn_recall"),
-                                "index": m.get("cluster/index")})
+                                "index": m.get("cluster/index"), "graph_seconds": m.get("cluster/graph_seconds"),
+                                "cluster_seconds": m.get("cluster/seconds"),
+                                "pseudolabel_seconds": m.get("pseudolabel/seconds"),
+                                "ivf_nprobe": m.get("cluster/ivf_nprobe"), "ivf_nlist": m.get("cluster/ivf_nlist"),
+                                "k": m.get("pseudolabel/k"), "n_tiers": m.get("pseudolabel/n_tiers")})
                 print(results[-1], flush=True)
             if n <= a.skip_ls_above:
                 rc, wall, rss, tail = timed([sys.executable, "-c", LS_SCRIPT, str(f)], timeout=a.ls_timeout)
@@ -119,19 +131,32 @@ def main() -> None:
                     r["note"] = "did not finish" if rc == 124 else f"failed ({rc})"
                 results.append(r)
                 print(r, flush=True)
+            else:
+                results.append({"n": n, "method": "sklearn LabelSpreading (knn)", "seconds": None, "peak_rss_gb": None,
+                                "accuracy": None, "note": f"not run (N > {a.skip_ls_above})"})
             f.unlink()
-    rows = [[r["n"], r["method"], round(r["seconds"], 1), round(r["peak_rss_gb"], 2),
-             "-" if r.get("knn_recall") is None else round(r["knn_recall"], 3),
-             "-" if r.get("accuracy") is None else round(r["accuracy"], 4)] for r in results]
+    if a.append and Path(a.out).exists():
+        old = json.loads(Path(a.out).read_text())
+        new_keys = {(r["n"], r["method"]) for r in results}
+        results = [r for r in old.get("results", []) if (r["n"], r["method"]) not in new_keys] + results
+        results.sort(key=lambda r: (r["n"], r["method"]))
+        a.sizes = sorted({r["n"] for r in results})
+
+    def num(v, digits):
+        return "-" if v is None or v != v else round(v, digits)
+
+    rows = [[r["n"], r["method"], num(r["seconds"], 1), num(r["peak_rss_gb"], 2), num(r.get("knn_recall"), 3),
+             num(r.get("accuracy"), 4) if r.get("accuracy") is not None else r.get("note", "-")] for r in results]
     print(f"\nScale: synthetic clustered embeddings, d={a.dim}, {a.classes} classes, 1% labeled\n")
     print(markdown_table(["N", "method", "wall s", "peak RSS GB", "kNN recall@10", "accuracy"], rows))
     for n in a.sizes:
-        h = [r for r in results if r["n"] == n and r["method"].startswith(a.labeler)]
+        h = [r for r in results if r["n"] == n and r["method"] == f"{a.labeler} (auto index)"]
         ls = [r for r in results if r["n"] == n and r["method"].startswith("sklearn") and r.get("accuracy")]
         if h and ls:
             print(f"N={n}: speed-up over LabelSpreading {ls[0]['seconds'] / h[0]['seconds']:.1f}x, "
                   f"accuracy {h[0]['accuracy'] - ls[0]['accuracy']:+.4f}")
-    write_json(a.out, {"dim": a.dim, "classes": a.classes, "results": results})
+    write_json(a.out, {"dim": a.dim, "classes": a.classes, "labeled": 0.01, "cpus": os.cpu_count(),
+                       "machine": platform.processor() or platform.machine(), "results": results})
 
 
 if __name__ == "__main__":

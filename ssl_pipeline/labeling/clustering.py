@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def kmeans(X: NDArray, n_clusters: int, n_iter: int = 25, max_sample: int = 100_000, seed: int = 0,
-           ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+           points_per_centroid: int = 64) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Spherical k-means: (centroids (K, D) unit rows, assignment (N,) int64).
 
-    Fitted on a seeded sample of at most ``max_sample`` rows; every row is then
-    assigned to its most similar centroid (batched faiss search).
+    Fitted on a seeded sample of at most ``min(max_sample, points_per_centroid * K)``
+    rows; every row is then assigned to its most similar centroid (batched faiss search).
     """
     import faiss
 
@@ -31,6 +31,7 @@ def kmeans(X: NDArray, n_clusters: int, n_iter: int = 25, max_sample: int = 100_
     n, d = X.shape
     k = int(min(max(1, n_clusters), n))
     rng = np.random.default_rng(seed)
+    max_sample = int(min(max_sample, max(points_per_centroid * k, 1000)))
     sample = X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))]
     km = faiss.Kmeans(d, k, niter=n_iter, seed=int(seed) + 1, spherical=True, verbose=False,
                       max_points_per_centroid=max(256, len(sample) // k + 1), min_points_per_centroid=1)
@@ -74,14 +75,16 @@ def graph_modularity(idx: NDArray[np.int64], labels: NDArray, nodes: NDArray | N
 
 
 def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sample: int = 20_000, seed: int = 0,
-                      n_iter: int = 20, graph_idx: NDArray | None = None) -> tuple[int, dict[int, float]]:
+                      n_iter: int = 10, graph_idx: NDArray | None = None, max_nodes: int = 5000
+                      ) -> tuple[int, dict[int, float]]:
     """Pick a cluster count; return (count, {count: score}).
 
     With ``graph_idx`` (the (N, K) kNN graph of ``X``) the score is the modularity
     of the k-means partition on that graph (clusters that the neighbourhoods
     agree with, with no bias towards 2 clusters); otherwise the cosine
     silhouette on a sub-sample. The grid is geometric from 2 up to
-    ``min(2 sqrt(n), 1024)``; k-means runs on at most ``max_sample`` rows.
+    ``min(2 sqrt(n), 1024)``; k-means runs on at most ``max_sample`` rows, modularity
+    is estimated from the edges of ``max_nodes`` sampled nodes.
     """
     X = as_unit_float32(X)
     n = len(X)
@@ -93,20 +96,21 @@ def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sampl
     scores = {}
     if graph_idx is not None:
         # score on a node sample: only the sample and its neighbours need a cluster assignment
-        nodes = np.sort(rng.choice(n, min(n, max_sample), replace=False))
+        nodes = np.sort(rng.choice(n, min(n, max_nodes), replace=False))
         nb = graph_idx[nodes]
         need = np.unique(np.concatenate([nodes, nb[nb >= 0]]))
+        X_need = X[need]
     for k in candidates:
         if k < 2 or k >= len(S):
             continue
         if graph_idx is not None:
-            centroids, _ = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed)
+            centroids, _ = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed, points_per_centroid=len(S))
             labels = np.full(n, -1, np.int64)
-            _, a = search(build_index(centroids, kind="flat"), X[need], 1)
+            _, a = search(build_index(centroids, kind="flat"), X_need, 1)
             labels[need] = a[:, 0]
             scores[k] = graph_modularity(graph_idx, labels, nodes)
         else:
-            _, a = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed)
+            _, a = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed, points_per_centroid=len(S))
             scores[k] = silhouette_cosine(S, a, seed=seed)
     if not scores:
         return 1, {}

@@ -13,7 +13,7 @@ early mistakes become anchors; HDL avoids that with the rules below.
 Rules (every constant is generic; nothing is chosen per data set)
 -----------------------------------------------------------------
 1. **Geometry.** Rows are L2-normalised; inner product = cosine. The kNN graph
-   (faiss, self excluded; exact up to 50k rows, IVF above) is built on these
+   (faiss, self excluded; exact up to 50k rows, blocked IVF above) is built on these
    rows, or the given ``neighbors`` graph is reused when it has enough columns.
    The linear expert works on mean-centred, re-normalised rows projected on
    their top ``lr_dim`` principal axes (the "centre + L2" trick for few-shot
@@ -56,6 +56,16 @@ Rules (every constant is generic; nothing is chosen per data set)
    refitted experts (propagation is the neighbourhood's vote) now contradict
    is revised, or evicted from the pool, instead of staying an anchor.
    ``tier_`` is the tier from which a row stayed in the pool to the end.
+   **Validated tiers.** Every tier's propagation is scored leave-one-out on the
+   labeled rows of rule 2 (each row's own seed taken out through its
+   self-influence ``((I - alpha S)^-1)_ii``, known from rule 2's solves). A tier
+   that gets them wrong more often than the best earlier tier, by a paired sign
+   test at two standard errors, is undone and the tiers stop (``n_tiers_``).
+   This catches pools that cover the data unevenly: with multi-modal classes
+   the most confident rows of a class can all sit in the modes its labels
+   cover best, and propagating from such a pool lets neighbouring classes take
+   over the other modes (seen on 200k synthetic rows: tier-1 accuracy 0.985,
+   0.69 after five unchecked tiers).
 6. **Second opinion.** k-means (faiss, on the top 64 principal axes) with the
    number of clusters chosen automatically among 1, 2 and 4 times the number
    of classes (at least 5 rows per cluster) by normalised mutual information
@@ -69,8 +79,11 @@ Rules (every constant is generic; nothing is chosen per data set)
 8. **Confidence.** The final posterior of the row's label (1 for given labels):
    it ranks likely errors last.
 
-Everything is O(N k) memory (sparse N x k graph, N x C dense posteriors); the
-only loops run over tiers, EM steps, CG iterations and candidate k values.
+Everything is O(N k) memory (sparse N x k graph, N x C dense posteriors; the
+centred rows of the linear expert are made in batches, never as a second copy of
+the embeddings); the only loops run over tiers, EM steps, CG iterations and
+candidate k values. Above 50k rows the propagation runs with the rows sorted by a
+coarse k-means, so the sparse products read neighbouring rows from the cache.
 """
 
 from __future__ import annotations
@@ -104,63 +117,221 @@ def _neighbour_graph(X: NDArray[np.float32], k: int, neighbors: KNNGraph | None)
     return knn_graph(X, k, kind=kind)
 
 
-def _affinity(g: KNNGraph, k: int, gamma: float) -> sp.csr_matrix:
-    """Symmetric normalised affinity ``D^-1/2 (W + W^T) D^-1/2`` of the first ``k`` neighbours."""
+def _affinity(g: KNNGraph, k: int, gamma: float, order: NDArray[np.int64] | None = None) -> sp.csr_matrix:
+    """Symmetric normalised affinity ``D^-1/2 (W + W^T) D^-1/2`` of the first ``k`` neighbours.
+
+    With ``order`` the rows and columns come in that order (row ``i`` is point ``order[i]``). Built
+    straight in CSR form (every row has ``k`` slots), so no (N k) coordinate lists are materialised.
+    """
     n = g.idx.shape[0]
-    idx = g.idx[:, :k]
-    w = np.where(idx >= 0, np.maximum(np.nan_to_num(g.sim[:, :k], neginf=0.0), 0.0), 0.0) ** gamma
-    rows = np.repeat(np.arange(n), idx.shape[1])
-    keep = (idx.ravel() >= 0) & (w.ravel() > 0)
-    W = sp.csr_matrix((w.ravel()[keep].astype(np.float32), (rows[keep], idx.ravel()[keep])), shape=(n, n))
+    idx = g.idx[:, :k] if order is None else g.idx[order, :k]
+    w = np.nan_to_num(g.sim[:, :k] if order is None else g.sim[order, :k], neginf=0.0).astype(np.float32)
+    np.maximum(w, 0.0, out=w)
+    w **= gamma
+    valid = idx >= 0
+    w[~valid] = 0.0
+    if order is None:
+        cols = np.where(valid, idx, 0).astype(np.int32)
+    else:
+        inverse = np.empty(n, np.int32)
+        inverse[order] = np.arange(n, dtype=np.int32)
+        cols = inverse[np.where(valid, idx, 0)]
+    del idx, valid
+    W = sp.csr_matrix((w.ravel(), cols.ravel(), np.arange(0, n * k + 1, k, dtype=np.int64)), shape=(n, n))
+    del w, cols
+    W.eliminate_zeros()
     W = (W + W.T).tocsr()
     d = np.asarray(W.sum(axis=1)).ravel()
     dinv = np.where(d > 0, 1.0 / np.sqrt(np.maximum(d, 1e-30)), 0.0).astype(np.float32)
-    return (sp.diags(dinv) @ W @ sp.diags(dinv)).tocsr().astype(np.float32)
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(W.indptr))
+    W.data *= dinv[rows]
+    del rows
+    W.data *= dinv[W.indices]
+    W.sort_indices()
+    return W
 
 
-def _propagate(S: sp.csr_matrix, B: NDArray, alpha: float, X0: NDArray | None = None,
+def _propagate(S: sp.csr_matrix, B: NDArray | list, alpha: float, X0: NDArray | list | None = None,
                n_iter: int = 20, tol: float = 1e-4) -> NDArray[np.float32]:
-    """Solve ``(I - alpha S) Z = B`` column-wise by block conjugate gradient (SPD system)."""
-    B = np.asarray(B, np.float32)
-    Z = np.zeros_like(B) if X0 is None else np.array(X0, np.float32)
-    R = B - (Z - alpha * (S @ Z)) if X0 is not None else B.copy()
+    """Solve ``(I - alpha S) Z = B`` column-wise by block conjugate gradient (SPD system).
+
+    Four (N, C) float32 work arrays plus the product's, updated in place (no other
+    per-iteration temporaries). ``B`` or ``X0`` given as a one-element list is
+    consumed: its float32 array is popped and used as work space (the residual, the
+    iterate), so the caller's copy is not held twice.
+    """
+    own_b = isinstance(B, list)
+    B = np.asarray(B.pop() if own_b else B, np.float32)
+    stop = (tol ** 2) * np.maximum(np.einsum("ij,ij->j", B, B), 1e-30)
+    if X0 is None:
+        Z = np.zeros_like(B)
+        R = B if own_b else B.copy()
+    else:
+        Z = np.asarray(X0.pop(), np.float32) if isinstance(X0, list) else np.array(X0, np.float32)
+        R = B if own_b else B.copy()
+        R -= Z
+        R += alpha * (S @ Z)
+    del B
     P = R.copy()
     rs = np.einsum("ij,ij->j", R, R)
-    stop = (tol ** 2) * np.maximum(np.einsum("ij,ij->j", B, B), 1e-30)
+    AP = np.empty_like(P)
     for _ in range(n_iter):
         if (rs <= stop).all():
             break
-        AP = P - alpha * (S @ P)
-        step = rs / np.maximum(np.einsum("ij,ij->j", P, AP), 1e-30)
+        _spmm_into(S, P, AP)
+        AP *= -alpha
+        AP += P
+        step = (rs / np.maximum(np.einsum("ij,ij->j", P, AP), 1e-30)).astype(np.float32)
         Z += step * P
-        R -= step * AP
+        AP *= step
+        R -= AP
         rs_new = np.einsum("ij,ij->j", R, R)
-        P = R + (rs_new / np.maximum(rs, 1e-30)) * P
+        P *= (rs_new / np.maximum(rs, 1e-30)).astype(np.float32)
+        P += R
         rs = rs_new
     return Z
+
+
+def _spmm_into(S: sp.csr_matrix, P: NDArray[np.float32], out: NDArray[np.float32]) -> None:
+    """``out[:] = S @ P`` without allocating the product (scipy's csr kernel accumulates into ``out``)."""
+    try:
+        from scipy.sparse._sparsetools import csr_matvecs
+    except ImportError:  # private scipy API: fall back to the allocating product
+        out[:] = S @ P
+        return
+    out.fill(0.0)
+    n_row, n_col = S.shape
+    csr_matvecs(n_row, n_col, P.shape[1], S.indptr, S.indices, S.data, P.ravel(), out.ravel())
+
+
+class _Graph:
+    """The normalised affinity ``S`` with rows and columns in a cache-friendly order.
+
+    Sparse products gather rows of the dense right-hand side at the column ids of
+    each row; when neighbours lie near each other in memory those gathers hit the
+    cache (3x faster products measured at N = 200k). ``order`` (N,) lists the rows
+    in that order (None: keep the given order). ``solve`` takes and returns arrays
+    in the original row order.
+    """
+
+    def __init__(self, S: sp.csr_matrix, order: NDArray[np.int64] | None, n_jobs: int = 2, permuted: bool = False):
+        self.order = order
+        self.n_jobs = n_jobs
+        if order is None or permuted:  # S already in ``order`` (see :meth:`from_graph`)
+            self.S = S
+        else:
+            self.S = S[order][:, order].tocsr()
+            self.S.sort_indices()
+        if order is not None:
+            self.inverse = np.empty_like(order)
+            self.inverse[order] = np.arange(len(order))
+
+    @classmethod
+    def from_graph(cls, g: KNNGraph, k: int, gamma: float, order: NDArray[np.int64] | None, n_jobs: int = 2
+                   ) -> _Graph:
+        """The affinity of ``g``'s first ``k`` neighbours, built directly in ``order``."""
+        return cls(_affinity(g, k, gamma, order), order, n_jobs=n_jobs, permuted=True)
+
+    def solve_seeds(self, rows: NDArray[np.int64], cols: NDArray[np.int64], values: NDArray, n_cols: int,
+                    alpha: float, X0: list | None = None, n_iter: int = 20, tol: float = 1e-4
+                    ) -> NDArray[np.float32]:
+        """``(I - alpha S)^-1 B`` for the sparse right-hand side ``B[rows, cols] = values`` (N, n_cols).
+
+        Builds ``B`` directly in the internal order; ``X0`` (a warm start) is a one-element list whose
+        array is consumed, so a solve holds five (N, n_cols) arrays at most. On a graph with a locality
+        order (large N) the columns are split into chunks solved by ``self.n_jobs`` threads (the columns
+        are independent systems; the dense updates release the GIL); chunks of at most 2^25 / N columns
+        keep the work arrays of a large N below those of one (N, n_cols) solve.
+        """
+        n = self.S.shape[0]
+        r = rows if self.order is None else self.inverse[rows]
+        if X0 is not None and self.order is not None:
+            X0 = [X0.pop()[self.order]]
+        jobs = min(self.n_jobs, n_cols // 16) if self.order is not None else 1
+        if jobs <= 1:
+            B = np.zeros((n, n_cols), np.float32)
+            B[r, cols] = values
+            Z = _propagate(self.S, [B], alpha, X0=X0, n_iter=n_iter, tol=tol)
+            return Z if self.order is None else Z[self.inverse]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # column chunks of at most 2^25 / N columns (>= 16; 128 MB per work array), ``jobs`` solved at a time
+        n_chunks = max(jobs, -(-n_cols // max(16, 2 ** 25 // n)))
+        parts = np.array_split(np.arange(n_cols), n_chunks)
+        x0 = None if X0 is None else X0.pop()
+        x0_parts = [None if x0 is None else [np.ascontiguousarray(x0[:, p])] for p in parts]
+        del x0
+
+        def one(i: int) -> NDArray[np.float32]:
+            p = parts[i]
+            sel = (cols >= p[0]) & (cols <= p[-1])
+            B = np.zeros((n, len(p)), np.float32)
+            B[r[sel], cols[sel] - p[0]] = values[sel]
+            return _propagate(self.S, [B], alpha, X0=x0_parts[i], n_iter=n_iter, tol=tol)
+
+        with ThreadPoolExecutor(jobs) as ex:
+            zs = list(ex.map(one, range(n_chunks)))  # the work arrays are freed before the result is allocated
+        Z = np.empty((n, n_cols), np.float32)
+        for p in parts:
+            Z[:, p[0]:p[-1] + 1] = zs.pop(0)[self.inverse]
+        return Z
+
+    def solve(self, B: NDArray, alpha: float, X0: NDArray | None = None, n_iter: int = 20,
+              tol: float = 1e-4, rows: NDArray[np.int64] | None = None) -> NDArray[np.float32]:
+        """``(I - alpha S)^-1 B`` (rows ``rows`` of it if given), by :func:`_propagate`."""
+        if self.order is None:
+            Z = _propagate(self.S, B, alpha, X0=X0, n_iter=n_iter, tol=tol)
+            return Z if rows is None else Z[rows]
+        Z = _propagate(self.S, B[self.order], alpha, X0=None if X0 is None else X0[self.order],
+                       n_iter=n_iter, tol=tol)
+        return Z[self.inverse] if rows is None else Z[self.inverse[rows]]
+
+
+def _locality_order(X: NDArray[np.float32], seed: int, min_rows: int = 50_000) -> NDArray[np.int64] | None:
+    """Rows sorted by a coarse spherical k-means (~sqrt(N) clusters, 64 principal axes), or None below
+    ``min_rows`` rows (the dense propagation arrays then fit in the cache anyway)."""
+    n = len(X)
+    if n < min_rows:
+        return None
+    import faiss
+
+    axes = _principal_axes(X, 64, seed)
+    nc = int(round(np.sqrt(n)))
+    Xp = _project(X, None, axes)
+    rng = np.random.default_rng(seed)
+    sample = Xp[np.sort(rng.choice(n, min(n, 32 * nc), replace=False))]
+    km = faiss.Kmeans(Xp.shape[1], nc, niter=8, seed=int(seed) + 1, spherical=True, verbose=False,
+                      max_points_per_centroid=32, min_points_per_centroid=1)
+    km.train(sample)
+    _, assign = km.index.search(Xp, 1)
+    return np.argsort(assign.ravel(), kind="stable")
 
 
 def _balanced_posterior(Z: NDArray, n_prior_iter: int) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
     """Row posteriors from propagation scores: equal class mass, then an EM class prior.
 
-    Rows that no class reaches get the uniform posterior.
+    Rows that no class reaches get the uniform posterior. One (N, C) float32 array
+    is allocated (the result); the EM steps are matrix-vector products.
     """
-    Z = np.maximum(Z, 0.0)
-    Z /= np.maximum(Z.sum(axis=0, keepdims=True), 1e-30)
-    C = Z.shape[1]
-    prior = np.full(C, 1.0 / C)
-    row = Z.sum(axis=1, keepdims=True)
-    reached = row[:, 0] > 0
+    P = np.maximum(np.asarray(Z, np.float32), 0.0)
+    P /= np.maximum(P.sum(axis=0, keepdims=True), 1e-30)
+    C = P.shape[1]
+    prior = np.full(C, 1.0 / C, np.float32)
+    reached = P.sum(axis=1) > 0
+    n_reached = int(reached.sum())
     for _ in range(n_prior_iter):
-        Zp = Z * prior
-        P = Zp / np.maximum(Zp.sum(axis=1, keepdims=True), 1e-30)
-        prior = P[reached].mean(axis=0) if reached.any() else prior
+        if n_reached == 0:
+            break
+        s = P @ prior
+        v = np.where(reached, 1.0 / np.maximum(s, 1e-30), 0.0).astype(np.float32)
+        prior = prior * (P.T @ v) / n_reached
         prior = np.maximum(prior, 1e-6)
-        prior /= prior.sum()
-    Zp = Z * prior
-    s = Zp.sum(axis=1, keepdims=True)
-    P = np.where(s > 0, Zp / np.maximum(s, 1e-30), 1.0 / C).astype(np.float32)
-    return P, prior
+        prior = (prior / prior.sum()).astype(np.float32)
+    P *= prior
+    s = P.sum(axis=1, keepdims=True)
+    P /= np.maximum(s, 1e-30)
+    P[s[:, 0] <= 0] = 1.0 / C
+    return P, prior.astype(np.float64)
 
 
 # ---------------------------------------------------------------- linear expert
@@ -190,16 +361,22 @@ def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_cla
     return res.x
 
 
-def _softmax_proba(theta: NDArray, X: NDArray[np.float32], n_classes: int, batch: int = 65536) -> NDArray[np.float32]:
+def _softmax_proba(theta: NDArray, X: NDArray[np.float32] | _LinearFeatures, n_classes: int, batch: int = 65536
+                   ) -> NDArray[np.float32]:
     d = X.shape[1]
     W = theta[: d * n_classes].reshape(d, n_classes).astype(np.float32)
     b = theta[d * n_classes:].astype(np.float32)
     out = np.empty((len(X), n_classes), np.float32)
-    for s in range(0, len(X), batch):
-        S = X[s:s + batch] @ W + b
+    if isinstance(X, _LinearFeatures):
+        chunks = X.batches(batch)
+    else:
+        chunks = ((s, X[s:s + batch]) for s in range(0, len(X), batch))
+    for s, xb in chunks:
+        S = xb @ W + b
         S -= S.max(axis=1, keepdims=True)
-        E = np.exp(S)
-        out[s:s + batch] = E / E.sum(axis=1, keepdims=True)
+        np.exp(S, out=S)
+        S /= S.sum(axis=1, keepdims=True)
+        out[s:s + len(S)] = S
     return out
 
 
@@ -207,6 +384,43 @@ def _centre(X: NDArray[np.float32], mean: NDArray[np.float32]) -> NDArray[np.flo
     Xc = X - mean
     Xc /= np.maximum(np.linalg.norm(Xc, axis=1, keepdims=True), 1e-12)
     return Xc
+
+
+def _project(X: NDArray[np.float32], mean: NDArray[np.float32] | None, components: NDArray[np.float32] | None,
+             rows: NDArray[np.int64] | None = None, batch: int = 65536) -> NDArray[np.float32]:
+    """Rows of ``X`` (all, or ``rows``), centred on ``mean`` and re-normalised (if ``mean`` is given), then
+    projected on ``components`` (if given); computed in batches, so only the result is allocated."""
+    m = len(X) if rows is None else len(rows)
+    r = X.shape[1] if components is None else components.shape[1]
+    out = np.empty((m, r), np.float32)
+    for s in range(0, m, batch):
+        xb = X[s:s + batch] if rows is None else X[rows[s:s + batch]]
+        if mean is not None:
+            xb = _centre(xb, mean)
+        out[s:s + batch] = xb if components is None else xb @ components
+    return out
+
+
+class _LinearFeatures:
+    """The linear expert's rows: centred, re-normalised, projected on ``components``, made on demand.
+
+    Stands in for the (N, r) feature matrix without materialising it, so the fit
+    holds no second N x D copy of the embeddings.
+    """
+
+    def __init__(self, X: NDArray[np.float32], mean: NDArray[np.float32], components: NDArray[np.float32] | None):
+        self.X, self.mean, self.components = X, mean, components
+        self.shape = (len(X), X.shape[1] if components is None else components.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
+        return _project(self.X, self.mean, self.components, rows=np.asarray(rows))
+
+    def batches(self, batch: int):
+        for s in range(0, len(self.X), batch):
+            yield s, _project(self.X[s:s + batch], self.mean, self.components)
 
 
 def _cluster_mean(P: NDArray[np.float32], assign: NDArray[np.int64], n_clusters: int,
@@ -220,16 +434,28 @@ def _cluster_mean(P: NDArray[np.float32], assign: NDArray[np.int64], n_clusters:
     return Q[assign].astype(np.float32)
 
 
-def _principal_axes(X: NDArray[np.float32], r: int | None, seed: int, max_rows: int = 50_000
-                    ) -> NDArray[np.float32] | None:
-    """The top ``r`` principal axes (D, r) of the rows of ``X`` (a sample of them), or None if ``r >= D``."""
+def _principal_axes(X: NDArray[np.float32], r: int | None, seed: int, max_rows: int = 50_000,
+                    mean: NDArray[np.float32] | None = None) -> NDArray[np.float32] | None:
+    """The top ``r`` principal axes (D, r) of the rows of ``X`` (a sample of them; centred on ``mean`` and
+    re-normalised first when ``mean`` is given), or None if ``r >= D``."""
     if r is None or r >= X.shape[1]:
         return None
     rng = np.random.default_rng(seed)
-    sample = X[np.sort(rng.choice(len(X), min(len(X), max_rows), replace=False))].astype(np.float64)
+    rows = np.sort(rng.choice(len(X), min(len(X), max_rows), replace=False))
+    sample = _project(X, mean, None, rows=rows).astype(np.float64)
     sample -= sample.mean(axis=0)
     _, vecs = np.linalg.eigh(sample.T @ sample)
     return np.ascontiguousarray(vecs[:, ::-1][:, :r], dtype=np.float32)
+
+
+def _tier_loo_correct(Z: NDArray, rows: NDArray[np.int64], own: NDArray[np.int64], self_infl: NDArray,
+                      seed_w: NDArray) -> NDArray[np.bool_]:
+    """Whether the propagation scores ``Z`` (N, C) get labeled ``rows`` right once each row's own seed
+    (weight ``seed_w`` in its class column, self-influence ``self_infl``) is taken out."""
+    Zl = np.asarray(Z[rows], np.float64)
+    i = np.arange(len(rows))
+    Zl[i, own] = (Zl[i, own] - self_infl * seed_w) / np.maximum(1.0 - seed_w, 1e-12)
+    return np.argmax(Zl, axis=1) == own
 
 
 def _rank_within_class(cls: NDArray[np.int64], score: NDArray) -> NDArray[np.int64]:
@@ -299,7 +525,10 @@ class HDL(BaseLabeler):
     confidence_ : (N,) float32 in [0, 1], 1 on labeled rows
     proba_ : (N, C) float32, the last tier's posterior
     tier_ : (N,) int, 0 for given labels, else the tier from which the row stayed in the pool
-        (``n_tiers`` for rows labeled only by the last tier)
+        (``n_tiers_`` for rows labeled only by the last tier)
+    n_tiers_ : int, tiers kept (``n_tiers`` unless a tier failed the validation of rule 5)
+    tier_loo_accuracy_ : list of float, each tier's leave-one-out accuracy on the labeled rows
+        (empty when no class has two labels)
     noise_ : (N,) bool
     agreement_ : (N,) float32
     k_ : int, delta_k_ : float, k_scores_ : dict {k: delta_k}
@@ -338,12 +567,13 @@ class HDL(BaseLabeler):
 
     # ------------------------------------------------------------ adaptive k
     def _choose_k(self, g: KNNGraph, lab_rows: NDArray[np.int64], lab_pos: NDArray[np.int64],
-                  n_classes: int, n: int):
+                  n_classes: int, n: int, order: NDArray[np.int64] | None = None):
         """Leave-one-out propagation on the labeled rows.
 
         Returns (k, {k: delta_k}, evaluated labeled rows (positions in ``lab_rows``), their LOO
-        propagation posteriors at the chosen k (|ev|, C)); the last two are None when no class has
-        two labels.
+        propagation posteriors at the chosen k (|ev|, C), the propagation graph at the chosen k,
+        the evaluated rows' self-influence ``((I - alpha S)^-1)_ii`` at the chosen k); all but the
+        first two are None when no class has two labels.
         """
         counts = np.bincount(lab_pos, minlength=n_classes)
         evaluable = np.flatnonzero(counts[lab_pos] >= 2)
@@ -354,24 +584,29 @@ class HDL(BaseLabeler):
         fallback = grid[0] if self.k is not None else int(min(self.k_default, max(3, round(n / n_classes / 4))))
         fallback = min(fallback, n - 1)
         if len(evaluable) == 0 or not grid:
-            return fallback, {}, None, None
+            return fallback, {}, None, None, None, None
         rng = np.random.default_rng(self.random_state)
         if len(evaluable) > self.max_loo:
             evaluable = np.sort(rng.choice(evaluable, self.max_loo, replace=False))
         own = lab_pos[evaluable]
         scores: dict[int, float] = {}
         posts: dict[int, NDArray] = {}
+        graphs: dict[int, _Graph] = {}
+        diags: dict[int, NDArray] = {}  # self-influence ((I - alpha S)^-1)_ii of the evaluated rows
+        batch = int(np.clip(2 ** 25 // n, 16, 128))  # columns solved at a time: (N, batch) arrays of <= 128 MB
+        member = sp.csr_matrix((np.ones(len(lab_pos)), (lab_pos, np.arange(len(lab_pos)))),
+                               shape=(n_classes, len(lab_pos)))  # class x labeled row indicator
         for k in grid:
-            S = _affinity(g, k, self.gamma)
+            graphs[k] = G_k = _Graph.from_graph(g, k, self.gamma, order)
             post = np.zeros((len(evaluable), n_classes), np.float64)
-            for s in range(0, len(evaluable), 128):
-                ev = evaluable[s:s + 128]
-                E = np.zeros((n, len(ev)), np.float32)
-                E[lab_rows[ev], np.arange(len(ev))] = 1.0
-                G = _propagate(S, E, self.alpha, n_iter=self.cg_iter)[lab_rows]  # (n_L, |ev|): G[j, i]
+            diags[k] = np.zeros(len(evaluable), np.float64)
+            for s in range(0, len(evaluable), batch):
+                ev = evaluable[s:s + batch]
+                G = G_k.solve_seeds(lab_rows[ev], np.arange(len(ev)), np.ones(len(ev), np.float32), len(ev),
+                                    self.alpha, n_iter=self.cg_iter)[lab_rows]  # (n_L, |ev|): G[j, i]
+                diags[k][s:s + len(ev)] = G[ev, np.arange(len(ev))]
                 G[ev, np.arange(len(ev))] = 0.0  # leave the row itself out
-                votes = np.zeros((n_classes, len(ev)), np.float64)
-                np.add.at(votes, lab_pos, np.maximum(G, 0.0))
+                votes = np.asarray(member @ np.maximum(G, 0.0).astype(np.float64))
                 # mean seed influence per class, the left-out row no longer counting for its own class
                 left = counts[:, None] - (np.arange(n_classes)[:, None] == lab_pos[ev][None, :])
                 post[s:s + len(ev)] = (votes / np.maximum(left, 1)).T
@@ -382,9 +617,9 @@ class HDL(BaseLabeler):
         best = min(scores.values())
         se = float(np.sqrt(best * (1.0 - best) / len(evaluable)))
         k_best = min(k for k, v in scores.items() if v <= best + se + 1e-12)
-        return k_best, scores, evaluable, posts[k_best]
+        return k_best, scores, evaluable, posts[k_best], graphs[k_best], diags[k_best]
 
-    def _choose_lin_weight(self, Xl: NDArray[np.float32], lab_rows: NDArray[np.int64], lab_pos: NDArray[np.int64],
+    def _choose_lin_weight(self, Xl: _LinearFeatures, lab_rows: NDArray[np.int64], lab_pos: NDArray[np.int64],
                            n_classes: int, evaluated: NDArray[np.int64] | None, prop_post: NDArray | None
                            ) -> tuple[float, dict[float, float]]:
         """Weight of the linear expert, from held-out labeled rows (default unless clearly worse).
@@ -399,14 +634,15 @@ class HDL(BaseLabeler):
         rng = np.random.default_rng(self.random_state)
         fold = _rank_within_class(lab_pos, rng.random(len(lab_pos))) % 4  # classes spread over the folds
         lin_post = np.zeros((len(evaluated), n_classes), np.float32)
+        XL = Xl.take(lab_rows)
         for f in range(4):
             held = evaluated[fold[evaluated] == f]
             if len(held) == 0:
                 continue
             train = np.flatnonzero(fold != f)
-            theta = _fit_softmax(Xl[lab_rows[train]], lab_pos[train], np.ones(len(train), np.float32), n_classes,
+            theta = _fit_softmax(XL[train], lab_pos[train], np.ones(len(train), np.float32), n_classes,
                                  self.C, None, self.lr_max_iter)
-            lin_post[np.searchsorted(evaluated, held)] = _softmax_proba(theta, Xl[lab_rows[held]], n_classes)
+            lin_post[np.searchsorted(evaluated, held)] = _softmax_proba(theta, XL[held], n_classes)
         own = lab_pos[evaluated]
         acc: dict[float, float] = {}
         for frac in (0.0, 0.25, 0.5, 1.0):
@@ -419,26 +655,28 @@ class HDL(BaseLabeler):
         return (best_w if acc[best_w] > acc[default] + se else default), acc
 
     # ------------------------------------------------------------ second opinion
-    def _cluster_opinion(self, Xc: NDArray[np.float32], pred: NDArray[np.int64], n_classes: int
+    def _cluster_opinion(self, X: NDArray[np.float32], pred: NDArray[np.int64], n_classes: int
                          ) -> tuple[int, NDArray[np.int64] | None]:
-        """k-means on a PCA projection; return (n_clusters, cluster id of every row)."""
-        if self.n_clusters == 0 or len(Xc) < 4:
+        """k-means on a PCA projection of the centred rows; return (n_clusters, cluster id of every row)."""
+        if self.n_clusters == 0 or len(X) < 4:
             return 0, None
         import faiss
         from sklearn.metrics import normalized_mutual_info_score
 
-        n = len(Xc)
-        proj = _principal_axes(Xc, 64, self.random_state)
-        Xp = Xc if proj is None else np.ascontiguousarray(Xc @ proj)
+        n = len(X)
+        proj = _principal_axes(X, 64, self.random_state, mean=self.center_)
+        Xp = _project(X, self.center_, proj)
         if self.n_clusters is not None:
             candidates = [int(self.n_clusters)]
         else:
             candidates = [m * n_classes for m in (1, 2, 4) if m * n_classes * 5 <= n] or [max(2, n // 5)]
         best = (-np.inf, 0, None)
+        # k-means trains on at most 256 rows per cluster, fewer above 20k rows (64 at 80k and above)
+        per_centroid = int(np.clip(256 * 20_000 // n, 64, 256))
         for nc in candidates:
             nc = int(min(max(nc, 2), n))
             km = faiss.Kmeans(Xp.shape[1], nc, niter=10, seed=self.random_state, verbose=False,
-                              max_points_per_centroid=256, min_points_per_centroid=1)
+                              max_points_per_centroid=per_centroid, min_points_per_centroid=1)
             km.train(Xp)
             _, assign = km.index.search(Xp, 1)
             assign = assign.ravel()
@@ -470,29 +708,61 @@ class HDL(BaseLabeler):
         unl_rows = np.flatnonzero(~labeled)
         lab_pos = np.searchsorted(classes, y[lab_rows])
 
-        # geometry: kNN graph on unit rows, centred rows for the linear expert
-        self.center_ = X.mean(axis=0).astype(np.float32)
-        Xc = _centre(X, self.center_)
-        self.components_ = _principal_axes(Xc, self.lr_dim, self.random_state)
-        Xl = Xc if self.components_ is None else np.ascontiguousarray(Xc @ self.components_)
+        # geometry: kNN graph on unit rows, centred rows (made on demand) for the linear expert
+        self.center_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.components_ = _principal_axes(X, self.lr_dim, self.random_state, mean=self.center_)
+        Xl = _LinearFeatures(X, self.center_, self.components_)
         k_need = self.k if self.k is not None else max(max(self.k_grid), self.k_default)
         g = _neighbour_graph(X, int(min(k_need, n - 1)), neighbors)
-        self.k_, self.k_scores_, evaluated, loo_post = self._choose_k(g, lab_rows, lab_pos, n_classes, n)
+        order = _locality_order(X, self.random_state)
+        self.k_, self.k_scores_, evaluated, loo_post, S, self_infl = self._choose_k(g, lab_rows, lab_pos, n_classes,
+                                                                                   n, order)
         self.lin_weight_, self.lin_weight_scores_ = self._choose_lin_weight(Xl, lab_rows, lab_pos, n_classes,
                                                                             evaluated, loo_post)
-        S = _affinity(g, self.k_, self.gamma)
+        if S is None:
+            S = _Graph.from_graph(g, self.k_, self.gamma, order)
 
         pool_rows, pool_pos, pool_w = lab_rows, lab_pos, np.ones(len(lab_rows), np.float32)
         since = np.zeros(n, np.int64)          # tier from which a row has stayed in the pool
         in_pool = np.zeros(n, bool)
         Z = theta = assign = None
+        prev = None                            # (P, pred, conf) of the previous tier
+        ok_best = None                         # LOO correctness of the best tier so far
         self.n_clusters_ = 0
+        self.tier_loo_accuracy_ = []
+        self.n_tiers_ = self.n_tiers
         for t in range(1, self.n_tiers + 1):
-            # (a) propagation expert from the current pool
-            Y = np.zeros((n, n_classes), np.float32)
-            Y[pool_rows, pool_pos] = pool_w  # pool rows are distinct
-            Y /= np.maximum(Y.sum(axis=0, keepdims=True), 1e-30)
-            Z = _propagate(S, Y, self.alpha, X0=Z, n_iter=self.cg_iter)
+            # (a) propagation expert from the current pool, each class's seed mass normalised to 1
+            mass = np.bincount(pool_pos, weights=pool_w, minlength=n_classes)
+            seed_w = (pool_w / np.maximum(mass[pool_pos], 1e-30)).astype(np.float32)
+            x0, Z = (None if Z is None else [Z]), None  # the warm start is handed over (and consumed)
+            Z = S.solve_seeds(pool_rows, pool_pos, seed_w, n_classes, self.alpha, n_iter=self.cg_iter, X0=x0)
+            del x0
+            if evaluated is not None:
+                # validation by the given labels: leave-one-out correctness of this tier's propagation on the
+                # evaluated labeled rows (their own seed's influence removed); a tier that is worse than the
+                # best earlier tier by a paired sign test (McNemar, two standard errors) is undone, tiers stop
+                ok_t = _tier_loo_correct(Z, lab_rows[evaluated], lab_pos[evaluated], self_infl, seed_w[evaluated])
+                self.tier_loo_accuracy_.append(float(ok_t.mean()))
+                if ok_best is not None:
+                    lost, won = int((ok_best & ~ok_t).sum()), int((~ok_best & ok_t).sum())
+                    worse = lost - won > 2.0 * np.sqrt(lost + won)
+                else:
+                    worse = False
+                if ok_best is None or ok_t.mean() > ok_best.mean():
+                    ok_best = ok_t
+                if prev is not None and worse:
+                    log.info("HDL: tier %d lowers the leave-one-out accuracy on the labeled rows (%.3f < %.3f): "
+                             "keeping tier %d", t, ok_t.mean(), ok_best.mean(), t - 1)
+                    P, pred, conf = prev[0].astype(np.float32), prev[1], prev[2]
+                    P /= P.sum(axis=1, keepdims=True)
+                    self.n_tiers_ = t - 1
+                    if theta is None:
+                        fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
+                        theta = _fit_softmax(Xl.take(pool_rows[fit_rows]), pool_pos[fit_rows], pool_w[fit_rows],
+                                             n_classes, self.C, None, self.lr_max_iter)
+                    break
+            prev = None
             P_prop, self.class_prior_ = _balanced_posterior(Z, self.n_prior_iter)
             unreached = Z.max(axis=1) <= 0
             if assign is not None and unreached.any():
@@ -502,25 +772,36 @@ class HDL(BaseLabeler):
             # (skipped but for the last tier, which serves predict_proba, when its weight is 0)
             if self.lin_weight_ > 0 or t == self.n_tiers:
                 fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
-                theta = _fit_softmax(Xl[pool_rows[fit_rows]], pool_pos[fit_rows], pool_w[fit_rows], n_classes,
+                theta = _fit_softmax(Xl.take(pool_rows[fit_rows]), pool_pos[fit_rows], pool_w[fit_rows], n_classes,
                                      self.C, theta, self.lr_max_iter)
-            P_lin = _softmax_proba(theta, Xl, n_classes) if self.lin_weight_ > 0 else np.ones_like(P_prop)
-            # product of experts
-            logP = self.prop_weight * np.log(P_prop + 1e-12) + self.lin_weight_ * np.log(P_lin + 1e-12)
-            logP -= logP.max(axis=1, keepdims=True)
-            P = np.exp(logP)
+            # product of experts, in place: P ~ Pprop ** prop_weight * Plin ** lin_weight
+            P = P_prop
+            P += 1e-12
+            np.log(P, out=P)
+            P *= self.prop_weight
+            if self.lin_weight_ > 0:
+                P_lin = _softmax_proba(theta, Xl, n_classes)
+                P_lin += 1e-12
+                np.log(P_lin, out=P_lin)
+                P_lin *= self.lin_weight_
+                P += P_lin
+                del P_lin
+            P -= P.max(axis=1, keepdims=True)
+            np.exp(P, out=P)
             P /= P.sum(axis=1, keepdims=True)
             pred = np.argmax(P, axis=1)
             pred[lab_rows] = lab_pos
             conf = P[np.arange(n), pred]
             if t == 1:
-                self.n_clusters_, assign = self._cluster_opinion(Xc, pred, n_classes)
+                self.n_clusters_, assign = self._cluster_opinion(X, pred, n_classes)
             score = conf
             if assign is not None and self.cluster_weight > 0:
                 score = conf * _cluster_mean(P, assign, self.n_clusters_)[np.arange(n), pred] ** self.cluster_weight
             log.debug("tier %d: pool %d rows", t, len(pool_rows))
             if t == self.n_tiers:
                 break
+            prev = (P.astype(np.float16), pred, conf)  # kept in case the next tier is undone (half the memory)
+            P = P_prop = None
             # (c) next pool: given labels + the top t/T of every class's predicted members
             cls_u = pred[unl_rows]
             rank = _rank_within_class(cls_u, score[unl_rows])
@@ -535,12 +816,13 @@ class HDL(BaseLabeler):
             pool_pos = np.concatenate([lab_pos, pred[adm]])
             pool_w = np.concatenate([np.ones(len(lab_rows), np.float32), conf[adm].astype(np.float32)])
 
-        self.proba_ = P.astype(np.float32)
+        self.proba_ = P
         self.labels_ = np.where(labeled, y, classes[pred]).astype(np.int64)
         self.confidence_ = np.where(labeled, 1.0, np.clip(conf, 0.0, 1.0)).astype(np.float32)
-        tier = np.where(in_pool, since, self.n_tiers)
+        tier = np.where(in_pool, since, self.n_tiers_)
         self.tier_ = np.where(labeled, 0, tier).astype(np.int64)
         d = Xl.shape[1]
+        del Z
         self.coef_ = theta[: d * n_classes].reshape(d, n_classes).astype(np.float32)
         self.intercept_ = theta[d * n_classes:].astype(np.float32)
         self._neighbourhood_checks(g)

@@ -117,34 +117,173 @@ def search(index, Q: NDArray[np.float32], k: int, batch_size: int = 16384) -> tu
     return np.concatenate(sims), np.concatenate(idxs)
 
 
+def _drop_self(sim: NDArray, idx: NDArray, rows: NDArray, k: int) -> tuple[NDArray, NDArray]:
+    """Remove each query's own id from its (k + 1)-long result list (else its last entry)."""
+    is_self = idx == rows[:, None]
+    keep = ~is_self
+    keep[~is_self.any(axis=1), -1] = False
+    return sim[keep].reshape(len(rows), k), idx[keep].reshape(len(rows), k)
+
+
+def _pad(g_idx: NDArray, g_sim: NDArray, k: int) -> KNNGraph:
+    g_sim = np.where(g_idx < 0, -np.inf, g_sim).astype(np.float32)
+    if g_idx.shape[1] < k:
+        pad = k - g_idx.shape[1]
+        g_idx = np.pad(g_idx, ((0, 0), (0, pad)), constant_values=-1)
+        g_sim = np.pad(g_sim, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return KNNGraph(idx=g_idx, sim=g_sim)
+
+
+def exact_search(X_index: NDArray[np.float32], Q: NDArray[np.float32], k: int, batch_size: int = 4096
+                 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Exact inner-product top-``k`` of the rows of ``Q`` among the rows of ``X_index``, without copying the
+    index rows into a faiss index (``faiss.knn``): (sim (M, k) float32, idx (M, k) int64)."""
+    import faiss
+
+    k = min(k, len(X_index))
+    sims, idxs = [], []
+    for s in range(0, len(Q), batch_size):
+        D, Ix = faiss.knn(np.ascontiguousarray(Q[s:s + batch_size], dtype=np.float32), X_index, k,
+                          metric=faiss.METRIC_INNER_PRODUCT)
+        sims.append(D.astype(np.float32))
+        idxs.append(Ix.astype(np.int64))
+    if not sims:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate(sims), np.concatenate(idxs)
+
+
 def knn_graph(X: NDArray, k: int, kind: str = "flat", index=None, **index_kw) -> KNNGraph:
     """The k-nearest-neighbour graph of the rows of ``X`` (N, D), self excluded.
 
     Exact duplicates of a point are kept as neighbours; only the point itself is
-    removed (by id, not by distance).
+    removed (by id, not by distance). ``kind="ivf"`` without an ``index`` builds the
+    graph with :func:`ivf_knn_graph` (blocked exact search inside probed lists).
     """
     X = as_unit_float32(X)
     n = len(X)
     if n < 2:
         raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
+    if index is None and kind == "ivf":
+        return ivf_knn_graph(X, k, **index_kw)[0]
     k_eff = min(k, n - 1)
-    if index is None:
-        index = build_index(X, kind=kind, **index_kw)
-    sim, idx = search(index, X, k_eff + 1)
-    # drop self: where the point appears in its own list remove it, else drop the last column
-    rows = np.arange(n)[:, None]
-    is_self = idx == rows
-    has_self = is_self.any(axis=1)
-    keep = ~is_self
-    keep[~has_self, -1] = False
-    idx = idx[keep].reshape(n, k_eff)
-    sim = sim[keep].reshape(n, k_eff)
-    sim = np.where(idx < 0, -np.inf, sim).astype(np.float32)
-    if k_eff < k:
-        pad = k - k_eff
-        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-        sim = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
-    return KNNGraph(idx=idx, sim=sim)
+    if index is None and kind == "flat":
+        sim, idx = exact_search(X, X, k_eff + 1)
+    else:
+        if index is None:
+            index = build_index(X, kind=kind, **index_kw)
+        sim, idx = search(index, X, k_eff + 1)
+    sim, idx = _drop_self(sim, idx, np.arange(n), k_eff)
+    return _pad(idx, sim, k)
+
+
+def ivf_knn_params(n: int, nlist: int | None = None) -> int:
+    """Number of coarse lists for :func:`ivf_knn_graph`: about sqrt(N), at least 1, at most N / 16."""
+    return int(nlist or max(1, min(n // 16, round(np.sqrt(n)))))
+
+
+def _top_k(Q: NDArray[np.float32], B: NDArray[np.float32], k: int) -> tuple[NDArray, NDArray]:
+    """The ``k`` largest inner products of each row of ``Q`` with the rows of ``B``: (sim, position in B)."""
+    import faiss
+
+    return faiss.knn(Q, B, min(k, len(B)), metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | None = None,
+                  min_recall: float = 0.9, recall_sample: int = 1000, recall_k: int = 10, seed: int = 0,
+                  train_iter: int = 10) -> tuple[KNNGraph, dict]:
+    """Approximate kNN graph of the rows of ``X`` by blocked exact search inside inverted lists.
+
+    The rows are split into ``nlist`` (~sqrt N) lists by spherical k-means trained on
+    a sample; the rows of list ``c`` are compared, by one matrix product, with every
+    row of the ``nprobe`` lists whose centroids are most similar to ``c``'s (``c``
+    included). ``nprobe`` left at ``None`` is the smallest count whose recall@``recall_k``
+    against exact search, on ``recall_sample`` seeded rows, reaches ``min_recall`` with
+    a margin of one standard error of that sample mean (exact search inside the
+    candidates makes that recall exactly computable from the lists alone). Memory is
+    O(N k) plus one list's block; time ~ N * nprobe * N / nlist * D. Returns (graph,
+    info) with ``info``: nlist, nprobe, the sample's recall at that nprobe
+    (``recall_tuned``) and candidates per row.
+    """
+    import faiss
+
+    X = as_unit_float32(X)
+    n, d = X.shape
+    k_eff = min(k, n - 1)
+    nlist = min(ivf_knn_params(n, nlist), n)
+    rng = np.random.default_rng(seed)
+    # coarse lists
+    if nlist > 1:
+        m = min(n, 32 * nlist)
+        sample = X if m >= n else X[np.sort(rng.choice(n, m, replace=False))]
+        km = faiss.Kmeans(d, nlist, niter=train_iter, seed=int(seed) + 1, spherical=True, verbose=False,
+                          max_points_per_centroid=32, min_points_per_centroid=1)
+        km.train(sample)
+        del sample
+        cent = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+        _, a = search(build_index(cent, kind="flat"), X, 1)
+        assign = a[:, 0]
+    else:
+        cent = np.zeros((1, d), np.float32)
+        assign = np.zeros(n, np.int64)
+    order = np.argsort(assign, kind="stable")
+    starts = np.searchsorted(assign[order], np.arange(nlist + 1))
+    sizes = np.diff(starts)
+    # probe order of every list: lists by centroid similarity, itself first
+    G = cent @ cent.T
+    G[np.arange(nlist), np.arange(nlist)] = np.inf
+    G[:, sizes == 0] = -np.inf
+    probe = np.argsort(-G, axis=1, kind="stable").astype(np.int64)
+    del G
+    # choose nprobe from the recall of a seeded sample against exact search
+    tuned = None
+    if nprobe is None or recall_sample > 0:
+        kr = min(recall_k, k_eff)
+        q = np.sort(rng.choice(n, min(recall_sample, n), replace=False)) if recall_sample > 0 else np.arange(0)
+        if len(q):
+            _, ex = exact_search(X, X[q], kr + 1)
+            ex = _drop_self(np.zeros(ex.shape, np.float32), ex, q, kr)[1]
+            rank = np.empty((len(q), nlist), np.int64)
+            rank[np.arange(len(q))[:, None], probe[assign[q]]] = np.arange(nlist)
+            nb_rank = np.take_along_axis(rank, assign[np.maximum(ex, 0)], axis=1)
+            del rank
+            # recall of every sampled row at every probe count p: share of its neighbours in its first p lists
+            per_q = np.zeros((len(q), nlist), np.float32)
+            ok = ex >= 0
+            np.add.at(per_q, (np.nonzero(ok)[0], nb_rank[ok]), 1.0 / kr)
+            np.cumsum(per_q, axis=1, out=per_q)
+            mean = per_q.mean(axis=0)
+            # the probe count whose recall minus one standard error (of the sampled rows' mean) reaches the target
+            lower = mean - per_q.std(axis=0) / np.sqrt(len(q))
+            del per_q
+            if nprobe is None:
+                nprobe = int(np.searchsorted(np.maximum.accumulate(lower), min_recall - 1e-9) + 1)
+            tuned = float(mean[min(nprobe, nlist) - 1])
+        elif nprobe is None:
+            nprobe = nlist
+    nprobe = int(max(1, min(nprobe, nlist)))
+    # blocked exact search, one list at a time
+    idx = np.full((n, k_eff), -1, np.int64)
+    sim = np.full((n, k_eff), -np.inf, np.float32)
+    n_cand = 0
+    for c in range(nlist):
+        if sizes[c] == 0:
+            continue
+        rows = order[starts[c]:starts[c + 1]]
+        cand = np.concatenate([order[starts[p]:starts[p + 1]] for p in probe[c, :nprobe]])
+        n_cand += len(rows) * len(cand)
+        s, pos = _top_k(X[rows], X[cand], k_eff + 1)
+        ids = cand[pos]
+        if ids.shape[1] < k_eff + 1:  # fewer candidates than k + 1: pad before dropping self
+            padw = k_eff + 1 - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, padw)), constant_values=-1)
+            s = np.pad(s, ((0, 0), (0, padw)), constant_values=-np.inf)
+        s, ids = _drop_self(s, ids, rows, k_eff)
+        idx[rows], sim[rows] = ids, s
+    info = {"nlist": nlist, "nprobe": nprobe, "recall_tuned": tuned, "candidates_per_row": n_cand / max(n, 1)}
+    log.info("ivf kNN graph: %d lists, %d probed, %.0f candidates per row, sample recall@%d %s",
+             nlist, nprobe, info["candidates_per_row"], recall_k, "n/a" if tuned is None else f"{tuned:.3f}")
+    return _pad(idx, sim, k), info
 
 
 def knn_recall(X: NDArray[np.float32], graph: KNNGraph, k: int = 10, sample: int = 1000, seed: int = 0) -> float:
@@ -155,8 +294,7 @@ def knn_recall(X: NDArray[np.float32], graph: KNNGraph, k: int = 10, sample: int
     n = len(X)
     k = min(k, graph.k, n - 1)
     q = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
-    exact = build_index(X, kind="flat")
-    _, idx = search(exact, X[q], k + 1)
+    _, idx = exact_search(X, X[q], k + 1)
     hits = 0
     for row, ex, ap in zip(q, idx, graph.idx[q, :k]):
         ex = ex[ex != row][:k]
@@ -167,5 +305,4 @@ def knn_recall(X: NDArray[np.float32], graph: KNNGraph, k: int = 10, sample: int
 def nearest(X_index: NDArray, X_query: NDArray, k: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Exact cosine kNN of each query row among the index rows: (sim (M, k), idx (M, k))."""
     A = as_unit_float32(X_index)
-    index = build_index(A, kind="flat")
-    return search(index, as_unit_float32(X_query), min(k, len(A)))
+    return exact_search(A, as_unit_float32(X_query), min(k, len(A)))

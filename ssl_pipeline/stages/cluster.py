@@ -23,7 +23,7 @@ from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, w
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.labeling.clustering import choose_n_clusters, kmeans
-from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, build_index, knn_graph, knn_recall
+from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, build_index, ivf_knn_graph, knn_graph, knn_recall
 from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,41 @@ log = logging.getLogger(__name__)
 def graph_rows(table: SampleTable, store: EmbeddingStore) -> np.ndarray:
     """Positions in the store of the training rows (the points every labeler sees)."""
     return np.flatnonzero(table.train[store.rows])
+
+
+def load_rows(store: EmbeddingStore, pos: np.ndarray) -> np.ndarray:
+    """Embeddings of the store positions ``pos`` (sorted), as unit-norm float32 rows (len(pos), D).
+
+    Read shard by shard from the memory-mapped shards straight into the result:
+    one float32 copy of the selected rows, never the whole store first.
+    """
+    pos = np.asarray(pos, np.int64)
+    if len(pos) > 1 and (np.diff(pos) < 0).any():
+        order = np.argsort(pos, kind="stable")
+        out = load_rows(store, pos[order])
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return out[inverse]
+    out = np.empty((len(pos), store.dim), np.float32)
+    start, filled = 0, 0
+    for f in store.shards:
+        a = np.load(f, mmap_mode="r")
+        lo, hi = np.searchsorted(pos, [start, start + len(a)])
+        if hi > lo:
+            sel = pos[lo:hi] - start
+            block = a[sel[0]:sel[-1] + 1]
+            out[filled:filled + hi - lo] = block if len(block) == hi - lo else block[sel - sel[0]]
+            filled += hi - lo
+        start += len(a)
+    if filled != len(pos):
+        raise ValueError(f"{len(pos) - filled} requested rows are not in the embedding store")
+    for s in range(0, len(out), 65536):  # re-normalise in place (float16 shards round the norms)
+        blk = out[s:s + 65536]
+        norms = np.linalg.norm(blk, axis=1, keepdims=True)
+        if (norms == 0).any() or not np.isfinite(norms).all():
+            raise ValueError("the embedding store holds zero or non-finite rows")
+        blk /= norms
+    return out
 
 
 def index_kind(cfg: DictConfig, n: int) -> str:
@@ -78,32 +113,51 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cache: Artif
         log.info("cluster: reusing %s", final)
         return final, json.loads((final / "stage_metrics.json").read_text()), key
     t0 = time.perf_counter()
-    X = as_unit_float32(store.load()[pos])
+    X = as_unit_float32(load_rows(store, pos))
     n = len(X)
     kind = index_kind(ccfg, n)
-    log.info("cluster: %s kNN graph, k=%d, over %d points", kind, ccfg.k, n)
-    index = build_index(X, kind=kind, seed=int(ccfg.seed))
-    g = knn_graph(X, int(ccfg.k), index=index)
-    recall = 1.0
+    k = int(ccfg.k)
+    log.info("cluster: %s kNN graph, k=%d, over %d points", kind, k, n)
+    seed, min_recall, sample = int(ccfg.seed), float(ccfg.min_recall), int(ccfg.recall_sample)
+    extra = {}
+    if kind == "ivf":
+        # blocked search in inverted lists; the probe count is set from the recall of a seeded sample (with a
+        # one-standard-error margin), then the recall is measured on an independent sample and the probes
+        # doubled while it falls short
+        g, info = ivf_knn_graph(X, k, min_recall=min_recall, recall_sample=sample, seed=seed)
+        recall = knn_recall(X, g, k=10, sample=sample, seed=seed + 1)
+        while recall < min_recall and info["nprobe"] < info["nlist"]:
+            log.info("cluster: kNN recall %.3f < %.2f, widening the search", recall, min_recall)
+            g, info = ivf_knn_graph(X, k, nprobe=2 * info["nprobe"], recall_sample=0, seed=seed)
+            recall = knn_recall(X, g, k=10, sample=sample, seed=seed + 1)
+        extra = {"cluster/ivf_nlist": info["nlist"], "cluster/ivf_nprobe": info["nprobe"],
+                 "cluster/candidates_per_row": round(info["candidates_per_row"], 1)}
+    else:
+        index = None if kind == "flat" else build_index(X, kind=kind, seed=seed)
+        g = knn_graph(X, k, kind=kind, index=index)
+        recall = 1.0
+        if kind != "flat":
+            # approximate lists: measure recall against exact search on a sample; widen the search until it is met
+            recall = knn_recall(X, g, k=10, sample=sample, seed=seed)
+            while recall < min_recall and widen_search(index):
+                log.info("cluster: kNN recall %.3f < %.2f, widening the search", recall, min_recall)
+                g = knn_graph(X, k, index=index)
+                recall = knn_recall(X, g, k=10, sample=sample, seed=seed)
     if kind != "flat":
-        # approximate lists: measure recall against exact search on a sample; widen the search until it is met
-        recall = knn_recall(X, g, k=10, sample=int(ccfg.recall_sample), seed=int(ccfg.seed))
-        while recall < float(ccfg.min_recall) and widen_search(index):
-            log.info("cluster: kNN recall %.3f < %.2f, widening the search", recall, ccfg.min_recall)
-            g = knn_graph(X, int(ccfg.k), index=index)
-            recall = knn_recall(X, g, k=10, sample=int(ccfg.recall_sample), seed=int(ccfg.seed))
-        log.info("cluster: kNN recall@10 %.3f on %d sampled rows", recall, min(n, int(ccfg.recall_sample)))
+        log.info("cluster: kNN recall@10 %.3f on %d sampled rows", recall, min(n, sample))
+    t_graph = time.perf_counter() - t0
     if ccfg.n_clusters == "auto":
-        n_clusters, _ = choose_n_clusters(X, seed=int(ccfg.seed), graph_idx=g.idx[:, :10])
+        n_clusters, _ = choose_n_clusters(X, seed=seed, graph_idx=g.idx[:, :10])
     else:
         n_clusters = int(ccfg.n_clusters)
         if n_clusters < 1:
             raise ConfigError("cluster.n_clusters", f"must be 'auto' or >= 1, got {ccfg.n_clusters}")
     centroids, assign = kmeans(X, n_clusters, n_iter=int(ccfg.kmeans_iter), max_sample=int(ccfg.kmeans_max_sample),
-                               seed=int(ccfg.seed))
+                               seed=seed)
     metrics = {"cluster/n_points": n, "cluster/k": int(ccfg.k), "cluster/n_clusters": int(n_clusters),
                "cluster/knn_recall": round(float(recall), 4),
-               "cluster/index": kind, "cluster/seconds": round(time.perf_counter() - t0, 2)}
+               "cluster/index": kind, "cluster/graph_seconds": round(t_graph, 2),
+               "cluster/seconds": round(time.perf_counter() - t0, 2), **extra}
     with cache.writing("cluster", key) as tmp:
         atomic_save_npy(tmp / "rows.npy", store.rows[pos])
         atomic_save_npy(tmp / "knn_idx.npy", g.idx)

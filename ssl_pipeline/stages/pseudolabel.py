@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, write_json
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import ConfigError
-from ssl_pipeline.stages.cluster import load_graph
+from ssl_pipeline.stages.cluster import load_graph, load_rows
 from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir:
         raise ConfigError("pseudolabel.labeler", "missing: a _target_ estimator class is required")
     labeler = instantiate(cfg.pseudolabel.labeler)
     pos_in_store = np.searchsorted(store.rows, rows)
-    X = store.load()[pos_in_store]
+    X = load_rows(store, pos_in_store)  # one float32 copy of the rows, unit norm
     graph = load_graph(cluster_dir)
     log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
     t0 = time.perf_counter()

@@ -76,3 +76,16 @@ def test_modularity_prefers_the_true_partition():
     g = knn_graph(X, 10)
     rng = np.random.default_rng(0)
     assert graph_modularity(g.idx, y) > 0.5 > graph_modularity(g.idx, rng.permutation(y))
+
+
+def test_ivf_graph_tunes_its_probes_to_the_recall_target():
+    from ssl_pipeline.labeling.knn import ivf_knn_graph, knn_recall
+
+    X, _ = blobs(n_per_class=400, n_classes=5, dim=16, noise=0.4)
+    for target in (0.8, 0.97):
+        g, info = ivf_knn_graph(X, 10, nlist=40, min_recall=target, recall_sample=400, seed=0)
+        assert g.idx.shape == (2000, 10) and not (g.idx == np.arange(2000)[:, None]).any()
+        assert info["recall_tuned"] >= target
+        assert knn_recall(X, g, k=10, sample=400, seed=5) >= target - 0.05
+    g_all, info = ivf_knn_graph(X, 10, nlist=40, nprobe=40, recall_sample=0)
+    assert knn_recall(X, g_all, k=10, sample=300) == 1.0 and info["recall_tuned"] is None

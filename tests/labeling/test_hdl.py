@@ -214,3 +214,35 @@ def test_food10_four_shot_beats_nearest_class_mean():
     proto_acc = unlabeled_accuracy(Prototype().fit(X, ym), y, ym)
     assert hdl_acc >= proto_acc + 0.02, (hdl_acc, proto_acc)
     assert hdl_acc >= 0.94
+
+
+def test_tiers_are_validated_on_the_labeled_rows():
+    X, y, _ = blobs([90, 90, 90], sigma=0.7, seed=8)
+    ym = mask_labels(y, 3, seed=8)
+    hdl = HDL(n_tiers=4).fit(X, ym)
+    assert 1 <= hdl.n_tiers_ <= 4 and len(hdl.tier_loo_accuracy_) >= hdl.n_tiers_
+    assert all(0.0 <= a <= 1.0 for a in hdl.tier_loo_accuracy_)
+    assert hdl.tier_.max() <= hdl.n_tiers_
+    one = HDL(n_tiers=4).fit(X, mask_labels(y, 1, seed=8))  # nothing to leave out: no validation
+    assert one.tier_loo_accuracy_ == [] and one.n_tiers_ == 4
+
+
+def test_large_inputs_take_the_cache_friendly_threaded_path():
+    # above 50k rows the propagation runs on locality-ordered rows, split over threads: same answers
+    from ssl_pipeline.labeling import hdl as H
+
+    X, y, _ = blobs([300] * 4, sigma=0.8, seed=3)
+    ym = mask_labels(y, 3, seed=3)
+    g = knn_graph(X, 20)
+    S = H._affinity(g, 10, 3.0)
+    seeds = np.flatnonzero(ym >= 0)
+    ref = H._Graph(S, None).solve_seeds(seeds, ym[seeds], np.ones(len(seeds), np.float32), 4, 0.99)
+    order = np.random.default_rng(0).permutation(len(X))
+    for jobs in (1, 2):
+        G = H._Graph(S, order, n_jobs=jobs)
+        Z = G.solve_seeds(seeds, ym[seeds], np.ones(len(seeds), np.float32), 4, 0.99)
+        assert np.allclose(Z, ref, atol=1e-5)
+        big = np.tile(np.eye(4, dtype=np.float32), (1, 8))[ym[seeds]]  # 32 columns: split over 2 threads
+        cols = np.nonzero(big)
+        Zb = G.solve_seeds(seeds[cols[0]], cols[1], np.ones(len(cols[0]), np.float32), 32, 0.99)
+        assert np.allclose(Zb[:, :4], ref, atol=1e-5) and np.allclose(Zb[:, 28:], ref, atol=1e-5)
