@@ -43,7 +43,7 @@ def array_hash(a: np.ndarray, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a temp file in ``path``'s folder, fsync it, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,7 +70,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temp file and a rename."""
-    _atomic_write(path, lambda f: np.save(f, array))
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def write_json(path: Path, obj: Any) -> None:

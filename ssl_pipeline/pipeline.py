@@ -19,7 +19,7 @@ from ssl_pipeline.artifacts import ArtifactCache, write_json
 from ssl_pipeline.audit import pseudolabel_columns, write_pseudolabels
 from ssl_pipeline.data.sources import build_table, draw_labeled
 from ssl_pipeline.errors import ConfigError
-from ssl_pipeline.stages import cluster, encode, pseudolabel, retrain
+from ssl_pipeline.stages import cluster, encode, pseudolabel
 from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         artifacts["pseudolabel"] = str(pl_dir)
         write_pseudolabels(pseudolabel_columns(table, pl_dir, cl_dir), run_dir)
     if "retrain" in todo:
+        from ssl_pipeline.stages import retrain  # torch + Lightning: loaded only when a run retrains
+
         rt_dir, m, key = retrain.run(cfg, table, store, pl_dir, cache, key, run_dir, force=forced(cfg, "retrain"))
         metrics.update(m)
         artifacts["retrain"] = str(rt_dir)

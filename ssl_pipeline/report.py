@@ -261,7 +261,7 @@ def from_artifacts(artifacts: dict, table: SampleTable | None = None, cfg=None, 
     if embeddings and store is not None and len(rows):
         pos = np.searchsorted(store.rows, rows)
         if (pos < len(store.rows)).all() and np.array_equal(store.rows[np.minimum(pos, len(store.rows) - 1)], rows):
-            X = store.load()[pos]
+            X = np.asarray(store.matrix()[pos], np.float32)
         else:
             notes.append("the encode artifact lacks some training rows; the embedding map is not shown")
 

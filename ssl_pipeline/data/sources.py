@@ -152,10 +152,15 @@ def load_embeddings_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 arrays[k] = a.astype(np.int64)
             if (arrays[k] < -1).any():
                 raise DataError(f"{p}: {k} holds labels below -1 (min {int(arrays[k].min())}); -1 means unlabeled")
-    if not np.isfinite(X).all():
-        raise DataError(f"{p}: X holds NaN or inf in {int((~np.isfinite(X)).any(axis=1).sum())} rows")
-    if (np.abs(X).sum(axis=1) == 0).any():
-        raise DataError(f"{p}: X holds {int((np.abs(X).sum(axis=1) == 0).sum())} all-zero rows")
+    n_bad = n_zero = 0
+    for s in range(0, n, 65536):  # in batches: no N x D temporaries
+        b = X[s:s + 65536]
+        n_bad += int((~np.isfinite(b)).any(axis=1).sum())
+        n_zero += int((~b.any(axis=1)).sum())
+    if n_bad:
+        raise DataError(f"{p}: X holds NaN or inf in {n_bad} rows")
+    if n_zero:
+        raise DataError(f"{p}: X holds {n_zero} all-zero rows")
     y = arrays["y"]
     if not (y >= 0).any():
         raise DataError(f"{p}: y has no labeled row (all -1)")

@@ -22,15 +22,19 @@ from numpy.typing import NDArray
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ssl_pipeline.labeling.knn import as_unit_float32
+from ssl_pipeline.labeling.knn import as_unit_float32, as_unit_rows
 
 
-def check_labels(X: NDArray, y: NDArray) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
+def check_labels(X: NDArray, y: NDArray, keep_rows: bool = False
+                 ) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
     """Validate a transductive fit input; return (unit-norm X, y, sorted classes).
 
-    Raises ``ValueError`` for shape mismatches, labels below -1, or no labeled row.
+    With ``keep_rows`` unit-norm float16 / float32 rows (a memory map included) are
+    returned as they are, for labelers that read them in batches; otherwise X is a
+    float32 array. Raises ``ValueError`` for shape mismatches, labels below -1, or
+    no labeled row.
     """
-    X = as_unit_float32(X)
+    X = as_unit_rows(X) if keep_rows else as_unit_float32(X)
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != len(X):
         raise ValueError(f"y must be a 1-D array with one entry per row of X ({len(X)}), got shape {y.shape}")

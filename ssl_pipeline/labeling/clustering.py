@@ -13,7 +13,7 @@ import logging
 import numpy as np
 from numpy.typing import NDArray
 
-from ssl_pipeline.labeling.knn import as_unit_float32, build_index, search
+from ssl_pipeline.labeling.knn import as_float32, as_unit_rows, build_index, search
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ def kmeans(X: NDArray, n_clusters: int, n_iter: int = 25, max_sample: int = 100_
     """
     import faiss
 
-    X = as_unit_float32(X)
+    X = as_unit_rows(X)  # float16 / memory-mapped rows stay as they are; search() casts batches
     n, d = X.shape
     k = int(min(max(1, n_clusters), n))
     rng = np.random.default_rng(seed)
     max_sample = int(min(max_sample, max(points_per_centroid * k, 1000)))
-    sample = X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))]
+    sample = as_float32(X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))])
     km = faiss.Kmeans(d, k, niter=n_iter, seed=int(seed) + 1, spherical=True, verbose=False,
                       max_points_per_centroid=max(256, len(sample) // k + 1), min_points_per_centroid=1)
     km.train(sample)
@@ -86,10 +86,10 @@ def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sampl
     ``min(2 sqrt(n), 1024)``; k-means runs on at most ``max_sample`` rows, modularity
     is estimated from the edges of ``max_nodes`` sampled nodes.
     """
-    X = as_unit_float32(X)
+    X = as_unit_rows(X)
     n = len(X)
     rng = np.random.default_rng(seed)
-    S = X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))]
+    S = as_float32(X if n <= max_sample else X[np.sort(rng.choice(n, max_sample, replace=False))])
     if candidates is None:
         hi = int(min(max(2, 2 * np.sqrt(len(S))), 1024, len(S) - 1))
         candidates = sorted({int(round(v)) for v in np.geomspace(2, max(hi, 2), num=10)})

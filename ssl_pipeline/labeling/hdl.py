@@ -696,7 +696,7 @@ class HDL(BaseLabeler):
             return self._fit(X, y, neighbors)
 
     def _fit(self, X: NDArray, y: NDArray, neighbors: KNNGraph | None) -> HDL:
-        X, y, classes = check_labels(X, y)
+        X, y, classes = check_labels(X, y, keep_rows=True)  # float16 memory maps are read in batches
         n, n_classes = len(X), len(classes)
         if n < 2:
             raise ValueError("HDL needs at least 2 rows")

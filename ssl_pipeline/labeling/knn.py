@@ -43,28 +43,57 @@ class KNNGraph:
         return KNNGraph(self.idx[:, :k], self.sim[:, :k])
 
 
+def row_norms(X: NDArray, batch: int = 65536) -> NDArray[np.float32]:
+    """L2 norm of every row of ``X`` (N, D) -> (N,) float32, in batches (no N x D temporary)."""
+    out = np.empty(len(X), np.float32)
+    for s in range(0, len(X), batch):
+        b = np.asarray(X[s:s + batch], np.float32)
+        out[s:s + len(b)] = np.sqrt(np.einsum("ij,ij->i", b, b))
+    return out
+
+
+def as_unit_rows(X: NDArray) -> NDArray:
+    """``X`` (N, D) itself when its rows are already unit-norm float32 or float16 (a memory map stays a map,
+    checked in batches, no copy); otherwise :func:`as_unit_float32` of it.
+
+    For code that reads rows in batches and casts them to float32 as it goes
+    (kNN graphs, k-means, HDL), so float16 embedding shards are never copied whole.
+    """
+    if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype in (np.float16, np.float32) and len(X):
+        norms = row_norms(X)
+        if np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=1e-3 if X.dtype == np.float32 else 5e-3):
+            return X
+    return as_unit_float32(X)
+
+
+def as_float32(X: NDArray) -> NDArray[np.float32]:
+    """A C-contiguous float32 view or copy of (a block of) rows."""
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
 def as_unit_float32(X: NDArray) -> NDArray[np.float32]:
     """Return ``X`` (N, D) as a C-contiguous float32 array with L2-normalised rows.
 
-    Raises ``ValueError`` on NaN/inf values or zero rows, which would silently
-    break every similarity downstream.
+    An input that already is one is returned as is (checked in batches, no copy);
+    otherwise one float32 copy is made and normalised in place. Raises
+    ``ValueError`` on NaN/inf values or zero rows, which would silently break
+    every similarity downstream.
     """
-    if isinstance(X, np.ndarray) and X.dtype == np.float32 and X.flags.c_contiguous and X.ndim == 2 and len(X) \
-            and np.isfinite(X[:1000]).all() and np.allclose(np.linalg.norm(X[:1000], axis=1), 1.0, atol=1e-3):
-        # already unit-norm float32 (checked on a prefix, then fully): no copy for large arrays
-        norms = np.linalg.norm(X, axis=1)
-        if np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=1e-3):
-            return X
-    X = np.asarray(X, dtype=np.float32)
+    if not (isinstance(X, np.ndarray) and X.dtype == np.float32 and X.flags.c_contiguous):
+        X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array (N x D), got shape {X.shape}")
-    if not np.isfinite(X).all():
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        raise ValueError(f"embeddings hold NaN or inf values in {bad} rows")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    norms = row_norms(X)
+    if not np.isfinite(norms).all():
+        raise ValueError(f"embeddings hold NaN or inf values in {int((~np.isfinite(norms)).sum())} rows")
     if (norms == 0).any():
         raise ValueError(f"embeddings hold {int((norms == 0).sum())} all-zero rows, which have no direction")
-    return np.ascontiguousarray(X / norms, dtype=np.float32)
+    if X.dtype == np.float32 and X.flags.c_contiguous and np.allclose(norms, 1.0, atol=1e-3):
+        return X
+    out = np.array(X, dtype=np.float32, order="C")
+    for s in range(0, len(out), 65536):
+        out[s:s + 65536] /= norms[s:s + 65536, None]
+    return out
 
 
 def ivf_params(n: int, nlist: int | None = None, nprobe: int | None = None) -> tuple[int, int]:
@@ -91,7 +120,7 @@ def build_index(X: NDArray[np.float32], kind: str = "flat", nlist: int | None = 
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = X[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))]
+        sample = as_float32(X[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])
         index.cp.seed = int(seed)
         index.train(sample)
         index.nprobe = nprobe
@@ -101,7 +130,8 @@ def build_index(X: NDArray[np.float32], kind: str = "flat", nlist: int | None = 
         index.hnsw.efSearch = 128
     else:
         raise ValueError(f"unknown index kind {kind!r}; valid: flat, ivf, hnsw")
-    index.add(X)
+    for s in range(0, n, 65536):  # float16 or memory-mapped rows are cast one batch at a time
+        index.add(as_float32(X[s:s + 65536]))
     return index
 
 
@@ -134,17 +164,35 @@ def _pad(g_idx: NDArray, g_sim: NDArray, k: int) -> KNNGraph:
     return KNNGraph(idx=g_idx, sim=g_sim)
 
 
-def exact_search(X_index: NDArray[np.float32], Q: NDArray[np.float32], k: int, batch_size: int = 4096
+def exact_search(X_index: NDArray, Q: NDArray, k: int, batch_size: int = 4096, block_rows: int = 262_144
                  ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Exact inner-product top-``k`` of the rows of ``Q`` among the rows of ``X_index``, without copying the
-    index rows into a faiss index (``faiss.knn``): (sim (M, k) float32, idx (M, k) int64)."""
+    index rows into a faiss index (``faiss.knn``): (sim (M, k) float32, idx (M, k) int64).
+
+    A float16 or memory-mapped ``X_index`` of more than ``block_rows`` rows is searched one
+    float32 block at a time (the blocks' top-``k`` lists merged), so it is never copied whole.
+    """
     import faiss
 
     k = min(k, len(X_index))
+    blocked = not (X_index.dtype == np.float32 and X_index.flags.c_contiguous) and len(X_index) > block_rows
+    if not blocked:
+        X_index = as_float32(X_index)
     sims, idxs = [], []
-    for s in range(0, len(Q), batch_size):
-        D, Ix = faiss.knn(np.ascontiguousarray(Q[s:s + batch_size], dtype=np.float32), X_index, k,
-                          metric=faiss.METRIC_INNER_PRODUCT)
+    for s in range(0, len(Q), batch_size if not blocked else 16 * batch_size):
+        q = as_float32(Q[s:s + (batch_size if not blocked else 16 * batch_size)])
+        if not blocked:
+            D, Ix = faiss.knn(q, X_index, k, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            parts_d, parts_i = [], []
+            for b in range(0, len(X_index), block_rows):
+                block = as_float32(X_index[b:b + block_rows])
+                d_b, i_b = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+                parts_d.append(d_b)
+                parts_i.append(i_b + b)
+            D, Ix = np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1)
+            top = np.argsort(-D, axis=1, kind="stable")[:, :k]
+            D, Ix = np.take_along_axis(D, top, axis=1), np.take_along_axis(Ix, top, axis=1)
         sims.append(D.astype(np.float32))
         idxs.append(Ix.astype(np.int64))
     if not sims:
@@ -159,7 +207,7 @@ def knn_graph(X: NDArray, k: int, kind: str = "flat", index=None, **index_kw) ->
     removed (by id, not by distance). ``kind="ivf"`` without an ``index`` builds the
     graph with :func:`ivf_knn_graph` (blocked exact search inside probed lists).
     """
-    X = as_unit_float32(X)
+    X = as_unit_rows(X)
     n = len(X)
     if n < 2:
         raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
@@ -185,7 +233,7 @@ def _top_k(Q: NDArray[np.float32], B: NDArray[np.float32], k: int) -> tuple[NDAr
     """The ``k`` largest inner products of each row of ``Q`` with the rows of ``B``: (sim, position in B)."""
     import faiss
 
-    return faiss.knn(Q, B, min(k, len(B)), metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(as_float32(Q), as_float32(B), min(k, len(B)), metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | None = None,
@@ -206,7 +254,7 @@ def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | No
     """
     import faiss
 
-    X = as_unit_float32(X)
+    X = as_unit_rows(X)
     n, d = X.shape
     k_eff = min(k, n - 1)
     nlist = min(ivf_knn_params(n, nlist), n)
@@ -214,7 +262,7 @@ def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | No
     # coarse lists
     if nlist > 1:
         m = min(n, 32 * nlist)
-        sample = X if m >= n else X[np.sort(rng.choice(n, m, replace=False))]
+        sample = as_float32(X if m >= n else X[np.sort(rng.choice(n, m, replace=False))])
         km = faiss.Kmeans(d, nlist, niter=train_iter, seed=int(seed) + 1, spherical=True, verbose=False,
                           max_points_per_centroid=32, min_points_per_centroid=1)
         km.train(sample)

@@ -23,7 +23,7 @@ from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, w
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.labeling.clustering import choose_n_clusters, kmeans
-from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, build_index, ivf_knn_graph, knn_graph, knn_recall
+from ssl_pipeline.labeling.knn import KNNGraph, as_unit_rows, build_index, ivf_knn_graph, knn_graph, knn_recall
 from ssl_pipeline.stages.encode import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -35,38 +35,20 @@ def graph_rows(table: SampleTable, store: EmbeddingStore) -> np.ndarray:
 
 
 def load_rows(store: EmbeddingStore, pos: np.ndarray) -> np.ndarray:
-    """Embeddings of the store positions ``pos`` (sorted), as unit-norm float32 rows (len(pos), D).
+    """Embeddings of the store positions ``pos`` (len(pos), D) float16, unit-norm rows.
 
-    Read shard by shard from the memory-mapped shards straight into the result:
-    one float32 copy of the selected rows, never the whole store first.
+    All rows in store order: the store's read-only memory map itself (see
+    :meth:`EmbeddingStore.matrix`), no copy; a subset: its float16 rows in memory.
+    Later stages read and cast these rows in batches, so their memory does not
+    grow with a float32 copy of all embeddings.
     """
     pos = np.asarray(pos, np.int64)
-    if len(pos) > 1 and (np.diff(pos) < 0).any():
-        order = np.argsort(pos, kind="stable")
-        out = load_rows(store, pos[order])
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return out[inverse]
-    out = np.empty((len(pos), store.dim), np.float32)
-    start, filled = 0, 0
-    for f in store.shards:
-        a = np.load(f, mmap_mode="r")
-        lo, hi = np.searchsorted(pos, [start, start + len(a)])
-        if hi > lo:
-            sel = pos[lo:hi] - start
-            block = a[sel[0]:sel[-1] + 1]
-            out[filled:filled + hi - lo] = block if len(block) == hi - lo else block[sel - sel[0]]
-            filled += hi - lo
-        start += len(a)
-    if filled != len(pos):
-        raise ValueError(f"{len(pos) - filled} requested rows are not in the embedding store")
-    for s in range(0, len(out), 65536):  # re-normalise in place (float16 shards round the norms)
-        blk = out[s:s + 65536]
-        norms = np.linalg.norm(blk, axis=1, keepdims=True)
-        if (norms == 0).any() or not np.isfinite(norms).all():
-            raise ValueError("the embedding store holds zero or non-finite rows")
-        blk /= norms
-    return out
+    M = store.matrix()
+    if len(pos) == len(M) and (pos == np.arange(len(M))).all():
+        return M
+    if len(pos) and (pos.min() < 0 or pos.max() >= len(M)):
+        raise ValueError(f"requested rows outside the embedding store (0..{len(M) - 1})")
+    return np.asarray(M[pos])
 
 
 def index_kind(cfg: DictConfig, n: int) -> str:
@@ -113,7 +95,7 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cache: Artif
         log.info("cluster: reusing %s", final)
         return final, json.loads((final / "stage_metrics.json").read_text()), key
     t0 = time.perf_counter()
-    X = as_unit_float32(load_rows(store, pos))
+    X = as_unit_rows(load_rows(store, pos))  # float16 memory map, read in batches
     n = len(X)
     kind = index_kind(ccfg, n)
     k = int(ccfg.k)

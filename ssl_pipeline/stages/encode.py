@@ -25,17 +25,26 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, atomic_write_text, stable_hash, write_json
-from ssl_pipeline.data.images import TableImages, collate_skipping
+from ssl_pipeline.artifacts import (
+    ArtifactCache,
+    atomic_save_npy,
+    atomic_write,
+    atomic_write_text,
+    stable_hash,
+    write_json,
+)
 from ssl_pipeline.data.sources import load_embeddings_file
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where images are encoded: an embeddings-only run never loads it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,38 @@ class EmbeddingStore:
             out[s:s + len(a)] = a
             s += len(a)
         return out
+
+    def matrix(self) -> np.ndarray:
+        """All embeddings (M, D) float16 as one read-only memory map, in store order.
+
+        A single shard is mapped directly; several are first concatenated, shard by
+        shard, into ``embeddings.npy`` beside them (written once, atomically; a
+        float16 file of M x D x 2 bytes). Later stages read rows through the map, so
+        their memory does not grow with a float32 copy of all embeddings; where the
+        folder cannot be written, the float16 rows are read into memory instead.
+        """
+        if len(self.shards) == 1:
+            return np.load(self.shards[0], mmap_mode="r")
+        f = self.path / "embeddings.npy"
+        if not f.exists():
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": (len(self.rows), self.dim)}
+
+            def write(fh):
+                np.lib.format.write_array_header_1_0(fh, header)
+                for shard in self.shards:
+                    fh.write(np.ascontiguousarray(np.load(shard, mmap_mode="r"), np.float16).tobytes())
+
+            try:
+                atomic_write(f, write)
+            except OSError as e:
+                log.warning("embeddings: cannot write %s (%s); reading the shards into memory", f, e)
+                return self.load(np.float16)
+        a = np.load(f, mmap_mode="r")
+        if a.shape != (len(self.rows), self.dim):
+            raise DataError(f"{f}: shape {a.shape} does not match the shards ({len(self.rows)}, {self.dim}); "
+                            "delete it to rebuild")
+        return a
 
     def text_embeddings(self) -> np.ndarray | None:
         f = self.path / "text_embeddings.npy"
@@ -113,6 +154,8 @@ def encode_key_config(cfg: DictConfig, table: SampleTable) -> dict:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -133,6 +176,8 @@ def _pin_memory(ecfg: DictConfig, device: torch.device) -> bool:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None = full fp32)."""
+    import torch
+
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision in ("auto", "bf16"):
@@ -180,6 +225,8 @@ def write_text_embeddings(backbone, classes: list[str], templates, path: Path) -
 
     Nothing is written when the backbone has no trained text tower or there are no class names.
     """
+    import torch
+
     if not (backbone.has_text and classes):
         return
     prompts = [t.format(c.replace("_", " ")) for c in classes for t in templates]
@@ -189,7 +236,10 @@ def write_text_embeddings(backbone, classes: list[str], templates, path: Path) -
 
 def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
     """Encode every row of ``table`` into shards under ``partial`` (resuming finished shards)."""
+    import torch
+
     from ssl_pipeline.backbones import load_backbone
+    from ssl_pipeline.data.images import TableImages, collate_skipping
 
     ecfg = cfg.encode
     N, S = len(table), int(ecfg.shard_size)

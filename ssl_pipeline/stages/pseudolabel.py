@@ -71,7 +71,7 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir:
         raise ConfigError("pseudolabel.labeler", "missing: a _target_ estimator class is required")
     labeler = instantiate(cfg.pseudolabel.labeler)
     pos_in_store = np.searchsorted(store.rows, rows)
-    X = load_rows(store, pos_in_store)  # one float32 copy of the rows, unit norm
+    X = load_rows(store, pos_in_store)  # float16 memory map (labelers that need float32 make their copy)
     graph = load_graph(cluster_dir)
     log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
     t0 = time.perf_counter()
