@@ -93,8 +93,11 @@ def main() -> None:
                     help="sizes that also run HDL with an exact graph (cluster.index=flat)")
     ap.add_argument("--append", action="store_true", help="merge into the existing results file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scale.json"))
+    ap.add_argument("--table", action="store_true", help="only print the table of the existing results file")
     a = ap.parse_args()
     results = []
+    if a.table:
+        a.append, a.sizes = True, []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         for n in a.sizes:
@@ -155,6 +158,8 @@ def main() -> None:
         if h and ls:
             print(f"N={n}: speed-up over LabelSpreading {ls[0]['seconds'] / h[0]['seconds']:.1f}x, "
                   f"accuracy {h[0]['accuracy'] - ls[0]['accuracy']:+.4f}")
+    if a.table:
+        return
     write_json(a.out, {"dim": a.dim, "classes": a.classes, "labeled": 0.01, "cpus": os.cpu_count(),
                        "machine": platform.processor() or platform.machine(), "results": results})
 
