@@ -93,6 +93,9 @@ def main() -> None:
                     help="sizes that also run HDL with an exact graph (cluster.index=flat)")
     ap.add_argument("--append", action="store_true", help="merge into the existing results file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scale.json"))
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE]",
+                    help="also run HDL with Hydra overrides, e.g. 'seed admission=+pseudolabel.labeler.admission=seed'")
+    ap.add_argument("--only-variants", action="store_true", help="run only the --variant runs (no default run)")
     ap.add_argument("--table", action="store_true", help="only print the table of the existing results file")
     a = ap.parse_args()
     results = []
@@ -105,9 +108,12 @@ def main() -> None:
             f = work / f"synth{n}.npz"
             np.savez(f, X=X, y=np.where(mask, y, -1), y_true=y)
             del X
-            variants = [("auto", [])] + ([("flat", ["cluster.index=flat"])] if n in a.exact_sizes else [])
+            variants = [("auto index", [])] + ([("flat index", ["cluster.index=flat"])] if n in a.exact_sizes else [])
+            if a.only_variants:
+                variants = []
+            variants += [(v.split("=", 1)[0], v.split("=", 1)[1].split(",")) for v in a.variant]
             for name, extra in variants:
-                rd = work / f"run{n}{name}"
+                rd = work / f"run{n}{name.replace(' ', '_')}"
                 rc, wall, rss, tail = timed([sys.executable, "-m", "ssl_pipeline", "stage=pseudolabel",
                                              "data=embeddings", f"data.path={f}", f"pseudolabel={a.labeler}",
                                              f"hydra.run.dir={rd}", f"paths.cache_dir={work / 'cache'}", *extra],
@@ -116,7 +122,7 @@ def main() -> None:
                     print(f"N={n} {name}: pipeline failed ({rc}): {tail}")
                     continue
                 m = json.loads((rd / "metrics.json").read_text())
-                results.append({"n": n, "method": f"{a.labeler} ({name} index)", "seconds": wall, "peak_rss_gb": rss,
+                results.append({"n": n, "method": f"{a.labeler} ({name})", "seconds": wall, "peak_rss_gb": rss,
                                 "accuracy": m.get("pseudolabel/accuracy"), "knn_recall": m.get("cluster/knn_recall"),
                                 "index": m.get("cluster/index"), "graph_seconds": m.get("cluster/graph_seconds"),
                                 "cluster_seconds": m.get("cluster/seconds"),
@@ -134,7 +140,7 @@ def main() -> None:
                     r["note"] = "did not finish" if rc == 124 else f"failed ({rc})"
                 results.append(r)
                 print(r, flush=True)
-            else:
+            elif not a.append:  # appending keeps an earlier LabelSpreading row of this size
                 results.append({"n": n, "method": "sklearn LabelSpreading (knn)", "seconds": None, "peak_rss_gb": None,
                                 "accuracy": None, "note": f"not run (N > {a.skip_ls_above})"})
             f.unlink()
