@@ -146,6 +146,8 @@ def main() -> None:
             f.unlink()
     if a.append and Path(a.out).exists():
         old = json.loads(Path(a.out).read_text())
+        if a.table:  # the header describes the data the file's rows were measured on
+            a.dim, a.classes = old.get("dim", a.dim), old.get("classes", a.classes)
         new_keys = {(r["n"], r["method"]) for r in results}
         results = [r for r in old.get("results", []) if (r["n"], r["method"]) not in new_keys] + results
         results.sort(key=lambda r: (r["n"], r["method"]))

@@ -97,7 +97,7 @@ from scipy.optimize import minimize
 from sklearn.utils.validation import check_is_fitted
 
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
-from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, knn_graph, nearest
+from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, exact_search, knn_graph, nearest
 
 log = logging.getLogger(__name__)
 
@@ -464,11 +464,7 @@ def _nearest_labeled(X: NDArray, lab_rows: NDArray[np.int64], unl_rows: NDArray[
 
     One exact search of all rows (read in batches, float16 memory maps included) against the labeled rows.
     """
-    from ssl_pipeline.labeling.knn import as_float32, exact_search
-
-    L = as_float32(X[lab_rows])
-    L /= np.maximum(np.linalg.norm(L, axis=1, keepdims=True), 1e-12)
-    _, nn = exact_search(L, X, min(k, len(lab_rows)))
+    _, nn = exact_search(as_unit_float32(X[lab_rows]), X, min(k, len(lab_rows)))
     return nn[unl_rows]
 
 
@@ -695,7 +691,10 @@ class HDL(BaseLabeler):
         from sklearn.metrics import normalized_mutual_info_score
 
         n = len(X)
-        proj = _principal_axes(X, 64, self.random_state, mean=self.center_)
+        if self.components_ is not None and self.components_.shape[1] >= 64:
+            proj = self.components_[:, :64]  # the same sample's top axes: _principal_axes(X, 64, ...) again
+        else:
+            proj = _principal_axes(X, 64, self.random_state, mean=self.center_)
         Xp = _project(X, self.center_, proj)
         if self.n_clusters is not None:
             candidates = [int(self.n_clusters)]

@@ -52,18 +52,40 @@ def row_norms(X: NDArray, batch: int = 65536) -> NDArray[np.float32]:
     return out
 
 
+def _unit_norms(X: NDArray) -> NDArray[np.float32]:
+    """Row norms of ``X`` (N, D); ``ValueError`` on NaN/inf values or zero rows, which would silently break
+    every similarity downstream."""
+    if X.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (N x D), got shape {X.shape}")
+    norms = row_norms(X)
+    if not np.isfinite(norms).all():
+        raise ValueError(f"embeddings hold NaN or inf values in {int((~np.isfinite(norms)).sum())} rows")
+    if (norms == 0).any():
+        raise ValueError(f"embeddings hold {int((norms == 0).sum())} all-zero rows, which have no direction")
+    return norms
+
+
+def _normalised_copy(X: NDArray, norms: NDArray[np.float32]) -> NDArray[np.float32]:
+    """One C-contiguous float32 copy of ``X`` with its rows divided by ``norms``, in place by batches."""
+    out = np.array(X, dtype=np.float32, order="C")
+    for s in range(0, len(out), 65536):
+        out[s:s + 65536] /= norms[s:s + 65536, None]
+    return out
+
+
 def as_unit_rows(X: NDArray) -> NDArray:
     """``X`` (N, D) itself when its rows are already unit-norm float32 or float16 (a memory map stays a map,
-    checked in batches, no copy); otherwise :func:`as_unit_float32` of it.
+    checked in batches, no copy); otherwise a normalised float32 copy, as :func:`as_unit_float32`.
 
     For code that reads rows in batches and casts them to float32 as it goes
     (kNN graphs, k-means, HDL), so float16 embedding shards are never copied whole.
     """
-    if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype in (np.float16, np.float32) and len(X):
-        norms = row_norms(X)
-        if np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=1e-3 if X.dtype == np.float32 else 5e-3):
-            return X
-    return as_unit_float32(X)
+    if not (isinstance(X, np.ndarray) and X.dtype in (np.float16, np.float32)):
+        return as_unit_float32(X)
+    norms = _unit_norms(X)
+    if len(X) and np.allclose(norms, 1.0, atol=1e-3 if X.dtype == np.float32 else 5e-3):
+        return X
+    return _normalised_copy(X, norms)
 
 
 def as_float32(X: NDArray) -> NDArray[np.float32]:
@@ -81,19 +103,10 @@ def as_unit_float32(X: NDArray) -> NDArray[np.float32]:
     """
     if not (isinstance(X, np.ndarray) and X.dtype == np.float32 and X.flags.c_contiguous):
         X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"embeddings must be a 2-D array (N x D), got shape {X.shape}")
-    norms = row_norms(X)
-    if not np.isfinite(norms).all():
-        raise ValueError(f"embeddings hold NaN or inf values in {int((~np.isfinite(norms)).sum())} rows")
-    if (norms == 0).any():
-        raise ValueError(f"embeddings hold {int((norms == 0).sum())} all-zero rows, which have no direction")
+    norms = _unit_norms(X)
     if X.dtype == np.float32 and X.flags.c_contiguous and np.allclose(norms, 1.0, atol=1e-3):
         return X
-    out = np.array(X, dtype=np.float32, order="C")
-    for s in range(0, len(out), 65536):
-        out[s:s + 65536] /= norms[s:s + 65536, None]
-    return out
+    return _normalised_copy(X, norms)
 
 
 def ivf_params(n: int, nlist: int | None = None, nprobe: int | None = None) -> tuple[int, int]:
@@ -178,9 +191,10 @@ def exact_search(X_index: NDArray, Q: NDArray, k: int, batch_size: int = 4096, b
     blocked = not (X_index.dtype == np.float32 and X_index.flags.c_contiguous) and len(X_index) > block_rows
     if not blocked:
         X_index = as_float32(X_index)
+    step = 16 * batch_size if blocked else batch_size  # blocked: fewer, larger query batches per index pass
     sims, idxs = [], []
-    for s in range(0, len(Q), batch_size if not blocked else 16 * batch_size):
-        q = as_float32(Q[s:s + (batch_size if not blocked else 16 * batch_size)])
+    for s in range(0, len(Q), step):
+        q = as_float32(Q[s:s + step])
         if not blocked:
             D, Ix = faiss.knn(q, X_index, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
