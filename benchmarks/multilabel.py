@@ -45,7 +45,7 @@ def extract() -> Path:
 def logreg_map(feats, table, lab, test) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    from ssl_pipeline.multilabel.run import macro_map
+    from ssl_pipeline.multilabel.settings import macro_map
 
     pos = np.full(len(table), -1)
     pos[feats.rows] = np.arange(len(feats.rows))
@@ -99,7 +99,7 @@ def main() -> None:
     from ssl_pipeline.artifacts import ArtifactCache
     from ssl_pipeline.data.multilabel import multilabel_csv_table
     from ssl_pipeline.multilabel.features import encode_tokens, load_features
-    from ssl_pipeline.multilabel.run import run
+    from ssl_pipeline.pipeline import run
 
     d = extract()
     cells = []
@@ -114,7 +114,7 @@ def main() -> None:
             cache = ArtifactCache(cfg.paths.cache_dir)
             t0 = time.perf_counter()
             run_dir = Path(a.cache) / "runs" / f"f{frac}-s{seed}"
-            m = run(cfg, table, cache, run_dir)
+            m = run(cfg, run_dir)
             secs = time.perf_counter() - t0
             feats = load_features(encode_tokens(cfg, table, cache)[0])
             lab = np.flatnonzero(table.labeled)

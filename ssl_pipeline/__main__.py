@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -12,8 +13,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ssl_pipeline.errors import PipelineError
-
-log = logging.getLogger("ssl_pipeline")
 
 
 def config_dir() -> str:
@@ -25,21 +24,40 @@ def config_dir() -> str:
                      "(pip install -e .)")
 
 
+def _log_file() -> Path | None:
+    """The run's log file (Hydra's job log), where the full traceback of an error goes."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            return Path(h.baseFilename)
+    return None
+
+
+def _trace_to_log_file(message: str) -> Path | None:
+    """Write ``message`` and the current traceback to the run's log file only (not the terminal)."""
+    f = _log_file()
+    if f is not None:
+        with f.open("a") as fh:
+            fh.write(f"ERROR {message}\n{traceback.format_exc()}\n")
+    return f
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    from ssl_pipeline.pipeline import run
+    from ssl_pipeline.pipeline import objective, run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         metrics = run(cfg, HydraConfig.get().runtime.output_dir)
-    except PipelineError as e:
-        log.error("%s", e)
+    except PipelineError as e:  # bad input: one line naming the key or file, the trace in the run's log file
+        _trace_to_log_file(str(e))
         print(f"ssl_pipeline error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    for k in ("retrain/test_accuracy", "retrain/test_map", "pseudolabel/accuracy"):
-        if k in metrics:
-            return float(metrics[k])
-    return None
+    except Exception as e:  # a bug or an unexpected failure: one line, the full traceback in the log file
+        f = _trace_to_log_file(f"{type(e).__name__}: {e}")
+        where = f" (traceback in {f})" if f else ""
+        print(f"ssl_pipeline: unexpected {type(e).__name__}: {e}{where}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    return objective(cfg, metrics)
 
 
 def main() -> None:

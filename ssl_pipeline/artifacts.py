@@ -127,6 +127,19 @@ class ArtifactCache:
             os.replace(src, final)
         return final
 
+    def stage(self, name: str, key: str, force: bool = False, partial: bool = False):
+        """The one cache check of every stage.
+
+        ``with cache.stage(name, key, force) as st:`` yields a :class:`StageEntry`.
+        When ``st.reused`` the complete entry is reused (its stored metrics in
+        ``st.metrics``); otherwise the body writes its files into ``st.dir`` and sets
+        ``st.metrics``; on a clean exit the metrics are stored and the folder is
+        committed to ``st.path`` (atomically); on an exception nothing is committed.
+        ``partial=True`` writes into the resumable ``<key>.partial/`` folder instead of
+        a fresh temp folder.
+        """
+        return _stage(self, name, key, force, partial)
+
     @contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:
         """Yield a fresh temp folder; commit it on success, delete it on failure."""
@@ -140,3 +153,53 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.commit(stage, key, tmp)
+
+
+class StageEntry:
+    """One stage's cache entry, as yielded by :meth:`ArtifactCache.stage`.
+
+    Attributes
+    ----------
+    name, key : str
+    path : Path
+        The final (committed) folder ``<cache>/<name>/<key>/``.
+    reused : bool
+        True when a complete entry existed and the stage was not forced: the
+        caller returns :attr:`metrics` and writes nothing.
+    dir : Path or None
+        Where to write the artifact when not reused (a temp folder, or the
+        resumable ``<key>.partial/`` folder).
+    metrics : dict
+        The stage's metrics: read from ``stage_metrics.json`` when reused; set by
+        the caller otherwise (written beside the artifact on commit).
+    """
+
+    def __init__(self, name: str, key: str, path: Path, reused: bool, dir: Path | None, metrics: dict):
+        self.name, self.key, self.path, self.reused, self.dir, self.metrics = name, key, path, reused, dir, metrics
+
+
+def _stage_metrics(path: Path) -> dict:
+    f = path / "stage_metrics.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+@contextmanager
+def _stage(cache: ArtifactCache, name: str, key: str, force: bool = False, partial: bool = False
+           ) -> Iterator[StageEntry]:
+    final = cache.path(name, key)
+    if cache.is_complete(name, key) and not force:
+        log.info("%s: reusing %s", name, final)
+        yield StageEntry(name, key, final, True, None, _stage_metrics(final))
+        return
+    if partial:
+        work = cache.partial_path(name, key)
+        entry = StageEntry(name, key, final, False, work, {})
+        yield entry  # an exception leaves the partial folder for the next run to resume
+        write_json(work / "stage_metrics.json", entry.metrics)
+        cache.commit(name, key, work)
+        return
+    with cache.writing(name, key) as tmp:
+        entry = StageEntry(name, key, final, False, tmp, {})
+        yield entry
+        write_json(tmp / "stage_metrics.json", entry.metrics)
+

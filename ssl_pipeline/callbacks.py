@@ -14,7 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-MAIN_METRICS = ("retrain/test_accuracy", "retrain/test_map", "pseudolabel/accuracy", "pseudolabel/precision")
+# the objective first (val/* from held-out labeled rows), then what is reported beside it (never optimised)
+OBJECTIVES = ("val/accuracy", "val/map")
+MAIN_METRICS = (*OBJECTIVES, "retrain/test_accuracy", "retrain/test_map", "pseudolabel/accuracy",
+                "pseudolabel/precision")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -33,13 +36,18 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def summarise(sweep_dir: str | Path, metric: str = "auto") -> Path | None:
-    """Write ``summary.csv`` and ``summary.md`` into ``sweep_dir`` sorted by ``metric`` (best first)."""
+    """Write ``summary.csv`` and ``summary.md`` into ``sweep_dir`` sorted by ``metric`` (best first).
+
+    ``metric``: the sweep's ``optimized_metric``; when no job has it, val/accuracy
+    then val/map; ``auto``: the first of :data:`MAIN_METRICS` that a job has.
+    Jobs without the metric (failed ones) come last.
+    """
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         return None
-    if metric == "auto":
-        metric = next((m for m in MAIN_METRICS if any(m in r for r in rows)), "")
+    order = MAIN_METRICS if metric == "auto" else (metric, *OBJECTIVES)
+    metric = next((m for m in order if any(m in r for r in rows)), "")
     rows.sort(key=lambda r: -float(r[metric]) if isinstance(r.get(metric), (int, float)) else float("inf"))
     cols = ["job", "overrides", "status"] + ([metric] if metric else [])
     cols += sorted({k for r in rows for k in r} - set(cols))

@@ -13,10 +13,10 @@ over the backbone's *spatial tokens*.
 Images are resized to ``size x size`` *without cropping* (squashed): a centre crop
 would cut off objects near the borders, which matter for multi-label scenes.
 
-Artifact folder (stage ``multilabel_encode``)::
+Artifact folder (the encode stage on multi-label data; see :mod:`ssl_pipeline.stage_io`)::
 
     shards/tok_00000.npy    (n_ok, P, d) float16 spatial tokens (P = h*w), table order
-    shards/pool_00000.npy   (n_ok, D) float16 L2-normalised pooled embeddings
+    shards/emb_00000.npy    (n_ok, D) float16 L2-normalised pooled embeddings (read by EmbeddingStore)
     shards/rows_00000.npy   (n_ok,) int64 table rows of that shard (written last = shard complete)
     shards/skip_00000.json  [[row, reason], ...]
     text_embeddings.npy     (C, d) float16, only when the backbone has a trained text tower
@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, atomic_write_text, write_json
 from ssl_pipeline.data.images import TableImages, collate_skipping
 from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline.stage_io import TokenFeatures, load_features  # noqa: F401 - re-exported
 from ssl_pipeline.stages.encode import (
     autocast_dtype,
     data_fingerprint,
@@ -48,33 +48,6 @@ from ssl_pipeline.stages.encode import (
 )
 
 log = logging.getLogger(__name__)
-STAGE = "multilabel_encode"
-
-
-@dataclass
-class TokenFeatures:
-    """Cached features of the readable images of a table.
-
-    Attributes
-    ----------
-    rows : (M,) int64
-        Table rows that have features (unreadable images are absent).
-    tokens : (M, P, d) float16
-        Spatial tokens.
-    pooled : (M, D) float32
-        L2-normalised pooled embeddings.
-    grid : (h, w)
-    text : (C, d) float32 or None
-        Class-name text embeddings in the token space (trained text tower only).
-    skipped : list of (row, reason)
-    """
-
-    rows: np.ndarray
-    tokens: np.ndarray
-    pooled: np.ndarray
-    grid: tuple[int, int]
-    text: np.ndarray | None
-    skipped: list
 
 
 def squash_transform(backbone, size: int):
@@ -133,11 +106,12 @@ def key_config(cfg: DictConfig, table: SampleTable) -> dict:
         "precision": cfg.encode.precision,
         "templates": list(cfg.encode.text_templates),
         "classes": table.classes,
-        "version": 1,
+        "version": 2,
     }
 
 
-def _encode(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:
+def encode_tokens_into(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:
+    """Encode every row of ``table`` into token + pooled shards under ``partial`` (resuming finished shards)."""
     from ssl_pipeline.backbones import load_backbone
 
     ecfg = cfg.encode
@@ -183,7 +157,7 @@ def _encode(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:
             n_new += len(r)
         if toks:
             atomic_save_npy(shard_dir / f"tok_{s:05d}.npy", np.concatenate(toks))
-            atomic_save_npy(shard_dir / f"pool_{s:05d}.npy", np.concatenate(pools))
+            atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", np.concatenate(pools))
         atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
         atomic_save_npy(shard_dir / f"rows_{s:05d}.npy", np.concatenate(done) if done else np.zeros(0, np.int64))
         log.info("multilabel encode: shard %d/%d done", s + 1, n_shards)
@@ -205,37 +179,7 @@ def _encode(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:
 
 def encode_tokens(cfg: DictConfig, table: SampleTable, cache: ArtifactCache,
                   force: bool = False) -> tuple[Path, dict, str]:
-    """Run (or reuse) the multi-label encode; return (artifact dir, metrics, key)."""
-    key = cache.key(STAGE, key_config(cfg, table))
-    final = cache.path(STAGE, key)
-    if cache.is_complete(STAGE, key) and not force:
-        log.info("multilabel encode: reusing %s", final)
-        return final, json.loads((final / "stage_metrics.json").read_text()), key
-    partial = cache.partial_path(STAGE, key)
-    metrics = _encode(cfg, table, partial)
-    write_json(partial / "stage_metrics.json", metrics)
-    cache.commit(STAGE, key, partial)
-    return final, metrics, key
+    """Run (or reuse) the encode stage on multi-label data; return (artifact dir, metrics, key)."""
+    from ssl_pipeline.stages.encode import run
 
-
-def load_features(path: Path) -> TokenFeatures:
-    """Read a ``multilabel_encode`` artifact into memory."""
-    shard_dir = Path(path) / "shards"
-    rows_files = sorted(shard_dir.glob("rows_*.npy"))
-    rows, toks, pools, skipped = [], [], [], []
-    for f in rows_files:
-        r = np.load(f)
-        skipped.extend(json.loads((shard_dir / f.name.replace("rows_", "skip_").replace(".npy", ".json")).read_text()))
-        if len(r) == 0:
-            continue
-        rows.append(r)
-        toks.append(np.load(shard_dir / f.name.replace("rows_", "tok_")))
-        pools.append(np.load(shard_dir / f.name.replace("rows_", "pool_")))
-    meta = json.loads((Path(path) / "meta.json").read_text())
-    text_f = Path(path) / "text_embeddings.npy"
-    if not rows:
-        return TokenFeatures(np.zeros(0, np.int64), np.zeros((0, 0, 0), np.float16), np.zeros((0, 0), np.float32),
-                             tuple(meta["grid"]), None, skipped)
-    return TokenFeatures(rows=np.concatenate(rows), tokens=np.concatenate(toks),
-                         pooled=np.concatenate(pools).astype(np.float32), grid=tuple(meta["grid"]),
-                         text=np.load(text_f).astype(np.float32) if text_f.exists() else None, skipped=skipped)
+    return run(cfg, table, cache, force)

@@ -11,7 +11,6 @@ Artifact folder::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,36 +18,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, write_json
-from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline.artifacts import array_hash
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.labeling.clustering import choose_n_clusters, kmeans
-from ssl_pipeline.labeling.knn import KNNGraph, as_unit_rows, build_index, ivf_knn_graph, knn_graph, knn_recall
-from ssl_pipeline.stages.encode import EmbeddingStore
+from ssl_pipeline.labeling.knn import as_unit_rows, build_index, ivf_knn_graph, knn_graph, knn_recall
+from ssl_pipeline.stage_io import EmbeddingStore, graph_rows, load_graph, load_rows, write_arrays  # noqa: F401
+from ssl_pipeline.stages.base import CachedStage, Context
 
 log = logging.getLogger(__name__)
-
-
-def graph_rows(table: SampleTable, store: EmbeddingStore) -> np.ndarray:
-    """Positions in the store of the training rows (the points every labeler sees)."""
-    return np.flatnonzero(table.train[store.rows])
-
-
-def load_rows(store: EmbeddingStore, pos: np.ndarray) -> np.ndarray:
-    """Embeddings of the store positions ``pos`` (len(pos), D) float16, unit-norm rows.
-
-    All rows in store order: the store's read-only memory map itself (see
-    :meth:`EmbeddingStore.matrix`), no copy; a subset: its float16 rows in memory.
-    Later stages read and cast these rows in batches, so their memory does not
-    grow with a float32 copy of all embeddings.
-    """
-    pos = np.asarray(pos, np.int64)
-    M = store.matrix()
-    if len(pos) == len(M) and (pos == np.arange(len(M))).all():
-        return M
-    if len(pos) and (pos.min() < 0 or pos.max() >= len(M)):
-        raise ValueError(f"requested rows outside the embedding store (0..{len(M) - 1})")
-    return np.asarray(M[pos])
 
 
 def index_kind(cfg: DictConfig, n: int) -> str:
@@ -77,23 +54,27 @@ def widen_search(index) -> bool:
     return False
 
 
-def load_graph(path: Path) -> KNNGraph:
-    return KNNGraph(idx=np.load(path / "knn_idx.npy"), sim=np.load(path / "knn_sim.npy"))
+class Cluster(CachedStage):
+    """Stage 2: the cosine kNN graph over the training rows and k-means clusters (single- and multi-label)."""
+
+    name = "cluster"
+
+    def check(self, ctx: Context) -> None:
+        if int(ctx.cfg.cluster.k) < 1:
+            raise ConfigError("cluster.k", f"must be >= 1, got {ctx.cfg.cluster.k}")
+
+    def key(self, ctx: Context) -> str:
+        pos = graph_rows(ctx.table, ctx.state["store"])
+        return ctx.cache.key("cluster", {"cfg": OmegaConf.to_container(ctx.cfg.cluster, resolve=True),
+                                         "rows": array_hash(pos)}, ctx.key_of("encode"))
+
+    def build(self, ctx: Context, out: Path) -> dict:
+        store = ctx.state["store"]
+        return build_graph(ctx.cfg.cluster, store, graph_rows(ctx.table, store), out)
 
 
-def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cache: ArtifactCache, upstream: str,
-        force: bool = False) -> tuple[Path, dict, str]:
-    """Run (or reuse) the cluster stage; return (artifact dir, metrics, key)."""
-    ccfg = cfg.cluster
-    if int(ccfg.k) < 1:
-        raise ConfigError("cluster.k", f"must be >= 1, got {ccfg.k}")
-    pos = graph_rows(table, store)
-    key = cache.key("cluster", {"cfg": OmegaConf.to_container(ccfg, resolve=True), "rows": array_hash(pos)},
-                    upstream)
-    final = cache.path("cluster", key)
-    if cache.is_complete("cluster", key) and not force:
-        log.info("cluster: reusing %s", final)
-        return final, json.loads((final / "stage_metrics.json").read_text()), key
+def build_graph(ccfg: DictConfig, store: EmbeddingStore, pos: np.ndarray, out: Path) -> dict:
+    """The kNN graph + k-means of the store positions ``pos`` into ``out``; return the stage metrics."""
     t0 = time.perf_counter()
     X = as_unit_rows(load_rows(store, pos))  # float16 memory map, read in batches
     n = len(X)
@@ -140,11 +121,6 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cache: Artif
                "cluster/knn_recall": round(float(recall), 4),
                "cluster/index": kind, "cluster/graph_seconds": round(t_graph, 2),
                "cluster/seconds": round(time.perf_counter() - t0, 2), **extra}
-    with cache.writing("cluster", key) as tmp:
-        atomic_save_npy(tmp / "rows.npy", store.rows[pos])
-        atomic_save_npy(tmp / "knn_idx.npy", g.idx)
-        atomic_save_npy(tmp / "knn_sim.npy", g.sim)
-        atomic_save_npy(tmp / "clusters.npy", assign)
-        atomic_save_npy(tmp / "centroids.npy", centroids)
-        write_json(tmp / "stage_metrics.json", metrics)
-    return final, metrics, key
+    write_arrays(out, {"rows": store.rows[pos], "knn_idx": g.idx, "knn_sim": g.sim, "clusters": assign,
+                       "centroids": centroids})
+    return metrics

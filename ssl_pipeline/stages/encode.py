@@ -34,92 +34,20 @@ from tqdm.auto import tqdm
 from ssl_pipeline.artifacts import (
     ArtifactCache,
     atomic_save_npy,
-    atomic_write,
     atomic_write_text,
     stable_hash,
     write_json,
 )
-from ssl_pipeline.data.sources import load_embeddings_file
+from ssl_pipeline.data.sources import draw_labeled, load_embeddings_file
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import DataError
+from ssl_pipeline.stage_io import EmbeddingStore
+from ssl_pipeline.stages.base import CachedStage, Context, StageResult
 
 if TYPE_CHECKING:  # torch is imported where images are encoded: an embeddings-only run never loads it
     import torch
 
 log = logging.getLogger(__name__)
-
-
-class EmbeddingStore:
-    """Read access to an encode artifact.
-
-    Attributes
-    ----------
-    rows : (M,) int64
-        Table rows that have an embedding (unreadable images are absent).
-    dim : int
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        shard_dir = self.path / "shards"
-        self.shards = sorted(shard_dir.glob("emb_*.npy"))
-        self.rows = np.concatenate([np.load(shard_dir / f.name.replace("emb_", "rows_")) for f in self.shards]) \
-            if self.shards else np.zeros(0, np.int64)
-        self.meta = json.loads((self.path / "meta.json").read_text()) if (self.path / "meta.json").exists() else {}
-        self.dim = int(np.load(self.shards[0], mmap_mode="r").shape[1]) if self.shards else 0
-
-    def load(self, dtype=np.float32) -> np.ndarray:
-        """All embeddings (M, D) in ``dtype``, shard by shard (memory-mapped reads)."""
-        out = np.empty((len(self.rows), self.dim), dtype)
-        s = 0
-        for f in self.shards:
-            a = np.load(f, mmap_mode="r")
-            out[s:s + len(a)] = a
-            s += len(a)
-        return out
-
-    def matrix(self) -> np.ndarray:
-        """All embeddings (M, D) float16 as one read-only memory map, in store order.
-
-        A single shard is mapped directly; several are first concatenated, shard by
-        shard, into ``embeddings.npy`` beside them (written once, atomically; a
-        float16 file of M x D x 2 bytes). Later stages read rows through the map, so
-        their memory does not grow with a float32 copy of all embeddings; where the
-        folder cannot be written, the float16 rows are read into memory instead.
-        """
-        if len(self.shards) == 1:
-            return np.load(self.shards[0], mmap_mode="r")
-        f = self.path / "embeddings.npy"
-        if not f.exists():
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-                      "shape": (len(self.rows), self.dim)}
-
-            def write(fh):
-                np.lib.format.write_array_header_1_0(fh, header)
-                for shard in self.shards:
-                    fh.write(np.ascontiguousarray(np.load(shard, mmap_mode="r"), np.float16).tobytes())
-
-            try:
-                atomic_write(f, write)
-            except OSError as e:
-                log.warning("embeddings: cannot write %s (%s); reading the shards into memory", f, e)
-                return self.load(np.float16)
-        a = np.load(f, mmap_mode="r")
-        if a.shape != (len(self.rows), self.dim):
-            raise DataError(f"{f}: shape {a.shape} does not match the shards ({len(self.rows)}, {self.dim}); "
-                            "delete it to rebuild")
-        return a
-
-    def text_embeddings(self) -> np.ndarray | None:
-        f = self.path / "text_embeddings.npy"
-        return np.load(f).astype(np.float32) if f.exists() else None
-
-    def skipped(self) -> list[dict]:
-        f = self.path / "skipped.csv"
-        if not f.exists():
-            return []
-        with f.open() as fh:
-            return list(csv.DictReader(fh))
 
 
 def data_fingerprint(table: SampleTable) -> str:
@@ -318,20 +246,59 @@ def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
     return metrics
 
 
+class Encode(CachedStage):
+    """Stage 1: images (or an embeddings file) -> embedding shards; multi-label data adds spatial tokens."""
+
+    name = "encode"
+
+    def key(self, ctx: Context) -> str:
+        if ctx.table.multilabel:
+            from ssl_pipeline.multilabel.features import key_config
+
+            return ctx.cache.key("encode", key_config(ctx.cfg, ctx.table))
+        return ctx.cache.key("encode", encode_key_config(ctx.cfg, ctx.table))
+
+    def partial(self, ctx: Context) -> bool:
+        return ctx.cfg.data.kind != "embeddings"  # image encoding resumes from its finished shards
+
+    def build(self, ctx: Context, out: Path) -> dict:
+        if ctx.cfg.data.kind == "embeddings":
+            return _import_embeddings(ctx.table, ctx.cfg, out)
+        if ctx.table.multilabel:
+            from ssl_pipeline.multilabel.features import encode_tokens_into
+
+            return encode_tokens_into(ctx.cfg, ctx.table, out)
+        return _encode_images(ctx.table, ctx.cfg, out)
+
+    def export(self, ctx: Context, result: StageResult) -> None:
+        """``skipped.csv`` into the run directory; the embedding store for later stages; labels redrawn
+        among the readable images when some labeled image could not be read."""
+        atomic_write_text(ctx.run_dir / "skipped.csv", (result.path / "skipped.csv").read_text())
+        store = EmbeddingStore(result.path)
+        ctx.state["store"] = store
+        if ctx.cfg.stage == "encode":
+            return
+        available = np.zeros(len(ctx.table), bool)
+        available[store.rows] = True
+        if not available.any():
+            raise DataError("no image of the table could be read (see skipped.csv)")
+        if ctx.table.multilabel:
+            from ssl_pipeline.multilabel.labeler import redraw_labeled
+
+            redraw_labeled(ctx.table, available, int(ctx.cfg.seed))
+        elif not available.all():
+            log.warning("%d of %d images could not be read and were skipped (see skipped.csv)",
+                        int((~available).sum()), len(ctx.table))
+            draw_labeled(ctx.table, ctx.cfg.data, available)
+
+
+ENCODE = Encode()
+
+
 def run(cfg: DictConfig, table: SampleTable, cache: ArtifactCache, force: bool = False) -> tuple[Path, dict, str]:
-    """Run (or reuse) the encode stage; return (artifact dir, metrics, key)."""
-    key = cache.key("encode", encode_key_config(cfg, table))
-    final = cache.path("encode", key)
-    if cache.is_complete("encode", key) and not force:
-        log.info("encode: reusing %s", final)
-        return final, json.loads((final / "stage_metrics.json").read_text()), key
-    if cfg.data.kind == "embeddings":
-        with cache.writing("encode", key) as tmp:
-            metrics = _import_embeddings(table, cfg, tmp)
-            write_json(tmp / "stage_metrics.json", metrics)
-        return final, metrics, key
-    partial = cache.partial_path("encode", key)
-    metrics = _encode_images(table, cfg, partial)
-    write_json(partial / "stage_metrics.json", metrics)
-    cache.commit("encode", key, partial)
-    return final, metrics, key
+    """Run (or reuse) the encode stage on its own; return (artifact dir, metrics, key)."""
+    ctx = Context(OmegaConf.merge(cfg, {"stage": "encode", "force": ["encode"] if force else []}), table, cache,
+                  Path(cache.root) / "_runs")
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    r = ENCODE.run(ctx)
+    return r.path, r.metrics, r.key

@@ -1,16 +1,19 @@
 """Stage 3, pseudolabel: every unlabeled training sample gets a label, a confidence and a reason.
 
 The labeler is ``hydra.utils.instantiate(cfg.pseudolabel.labeler)``, any
-scikit-learn-style estimator following :mod:`ssl_pipeline.labeling.base`.
+scikit-learn-style estimator following :mod:`ssl_pipeline.labeling.base`; on
+multi-label data ``cfg.multilabel.labeler`` (:class:`ssl_pipeline.multilabel.labeler.CSALabeler`).
+The main fit sees every label; the ``val/*`` metrics come from extra fits with a
+held-out fold of the labeled rows hidden (:mod:`ssl_pipeline.validation`).
 
 Artifact folder (arrays aligned with the cluster stage's ``rows.npy``)::
 
     rows.npy labels.npy confidence.npy tier.npy noise.npy agreement.npy labeled.npy
+    val/fold<f>/           the same arrays for a validation fit (held-out rows removed) + heldout_rows.npy
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,11 +22,12 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, write_json
-from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline import validation
+from ssl_pipeline.artifacts import array_hash, write_json
+from ssl_pipeline.audit import pseudolabel_columns, write_pseudolabels
 from ssl_pipeline.errors import ConfigError
-from ssl_pipeline.stages.cluster import load_graph, load_rows
-from ssl_pipeline.stages.encode import EmbeddingStore
+from ssl_pipeline.stage_io import load_graph, load_rows, write_arrays
+from ssl_pipeline.stages.base import CachedStage, Context, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -49,57 +53,129 @@ def score(labels: np.ndarray, confidence: np.ndarray, y_true: np.ndarray, unlabe
     return m
 
 
-def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir: Path, cache: ArtifactCache,
-        upstream: str, force: bool = False) -> tuple[Path, dict, str]:
-    """Run (or reuse) the pseudolabel stage; return (artifact dir, metrics, key)."""
-    if table.multilabel:
-        raise ConfigError("pseudolabel", "multi-label data is labeled by the multilabel path, not this stage")
-    rows = np.load(cluster_dir / "rows.npy")
-    y = table.y[rows]
-    labeled = y >= 0
-    if not labeled.any():
-        raise ConfigError("data", "no labeled training sample; check data.labeled_per_class / the y column")
-    if labeled.all():
-        raise ConfigError("data", "every training sample is labeled: nothing to pseudo-label")
-    pcfg = OmegaConf.to_container(cfg.pseudolabel, resolve=True)
-    key = cache.key("pseudolabel", {"cfg": pcfg, "labels": array_hash(y)}, upstream)
-    final = cache.path("pseudolabel", key)
-    if cache.is_complete("pseudolabel", key) and not force:
-        log.info("pseudolabel: reusing %s", final)
-        return final, json.loads((final / "stage_metrics.json").read_text()), key
-    if "labeler" not in cfg.pseudolabel:
-        raise ConfigError("pseudolabel.labeler", "missing: a _target_ estimator class is required")
+def _fit_labeler(cfg: DictConfig, X: np.ndarray, y: np.ndarray, graph):
     labeler = instantiate(cfg.pseudolabel.labeler)
-    pos_in_store = np.searchsorted(store.rows, rows)
-    X = load_rows(store, pos_in_store)  # float16 memory map (labelers that need float32 make their copy)
-    graph = load_graph(cluster_dir)
-    log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
-    t0 = time.perf_counter()
     labeler.fit(X, y, neighbors=graph)
-    seconds = time.perf_counter() - t0
+    return labeler
+
+
+def _arrays(labeler, rows: np.ndarray, labeled: np.ndarray, graph) -> dict[str, np.ndarray]:
+    """The pseudolabel folder's arrays (see :data:`ssl_pipeline.stage_io.PSEUDO_ARRAYS`) from a fitted labeler."""
     n = len(rows)
     labels = np.asarray(labeler.labels_, np.int64)
-    conf = np.asarray(labeler.confidence_, np.float32)
-    tier = np.asarray(getattr(labeler, "tier_", np.where(labeled, 0, 1)), np.int64)
-    noise = np.asarray(getattr(labeler, "noise_", np.zeros(n, bool)), bool)
     agreement = getattr(labeler, "agreement_", None)
     if agreement is None:
         idx = graph.idx
         valid = idx >= 0
         agreement = (labels[np.where(valid, idx, 0)] == labels[:, None]).sum(1) / np.maximum(valid.sum(1), 1)
-    agreement = np.asarray(agreement, np.float32)
-    metrics = score(labels, conf, np.asarray(table.y_true)[rows], ~labeled)
-    metrics["pseudolabel/n_labeled"] = int(labeled.sum())
-    metrics["pseudolabel/n_noise"] = int(noise[~labeled].sum())
-    metrics["pseudolabel/seconds"] = round(seconds, 2)
-    for attr, name in (("k_", "k"), ("n_clusters_", "n_clusters"), ("delta_k_", "delta_k"), ("n_tiers_", "n_tiers")):
-        if hasattr(labeler, attr):
-            metrics[f"pseudolabel/{name}"] = float(getattr(labeler, attr))
-    with cache.writing("pseudolabel", key) as tmp:
-        for name, arr in (("rows", rows), ("labels", labels), ("confidence", conf), ("tier", tier),
-                          ("noise", noise), ("agreement", agreement), ("labeled", labeled)):
-            atomic_save_npy(tmp / f"{name}.npy", arr)
-        write_json(tmp / "stage_metrics.json", metrics)
-        write_json(tmp / "labeler.json", {"name": cfg.pseudolabel.get("name", type(labeler).__name__),
-                                          "class": type(labeler).__name__, "params": pcfg})
-    return final, metrics, key
+    return {"rows": rows, "labels": labels, "confidence": np.asarray(labeler.confidence_, np.float32),
+            "tier": np.asarray(getattr(labeler, "tier_", np.where(labeled, 0, 1)), np.int64),
+            "noise": np.asarray(getattr(labeler, "noise_", np.zeros(n, bool)), bool),
+            "agreement": np.asarray(agreement, np.float32), "labeled": labeled}
+
+
+def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph, out: Path) -> dict:
+    """Refit the labeler with each held-out fold of labeled rows hidden; score the fold (``val/*`` metrics).
+
+    The first ``val.retrain_folds`` folds are written as pseudolabel-like folders
+    ``out/val/fold<f>/`` (rows without the held-out ones, plus ``heldout_rows.npy``)
+    for the retrain stage's validation head.
+    """
+    vs = validation.settings(cfg)
+    folds = validation.single_label_folds(y, vs)
+    if not folds:
+        return {}
+    t0 = time.perf_counter()
+    correct = total = 0
+    for f, held in enumerate(folds):
+        y_f = y.copy()
+        y_f[held] = -1
+        lab = _fit_labeler(cfg, X, y_f, graph)
+        pred = np.asarray(lab.labels_, np.int64)[held]
+        correct += int((pred == y[held]).sum())
+        total += len(held)
+        if f < int(vs["retrain_folds"]):
+            arrs = _arrays(lab, rows, y_f >= 0, graph)
+            keep = np.ones(len(rows), bool)
+            keep[held] = False
+            fold_dir = out / "val" / f"fold{f}"
+            fold_dir.mkdir(parents=True)
+            write_arrays(fold_dir, {k: v[keep] for k, v in arrs.items()})
+            write_arrays(fold_dir, {"heldout_rows": rows[held]})
+    log.info("pseudolabel: validation on %d held-out labeled rows in %d fold(s): accuracy %.4f", total, len(folds),
+             correct / total)
+    return {"val/accuracy": correct / total, "val/pseudolabel_accuracy": correct / total, "val/n_heldout": total,
+            "val/folds": len(folds), "val/seconds": round(time.perf_counter() - t0, 2)}
+
+
+class Pseudolabel(CachedStage):
+    """Stage 3: a labeler (``_target_``: ``cfg.pseudolabel.labeler``, or ``cfg.multilabel.labeler`` on multi-label
+    data) labels every unlabeled training row; held-out folds of the labeled rows give ``val/*``."""
+
+    name = "pseudolabel"
+
+    def check(self, ctx: Context) -> None:
+        validation.settings(ctx.cfg)
+        if ctx.table.multilabel:
+            return
+        rows = np.load(ctx.path("cluster") / "rows.npy")
+        labeled = ctx.table.y[rows] >= 0
+        if not labeled.any():
+            raise ConfigError("data", "no labeled training sample; check data.labeled_per_class / the y column")
+        if labeled.all():
+            raise ConfigError("data", "every training sample is labeled: nothing to pseudo-label")
+        if "labeler" not in ctx.cfg.pseudolabel:
+            raise ConfigError("pseudolabel.labeler", "missing: a _target_ estimator class is required")
+
+    def key(self, ctx: Context) -> str:
+        cfg, table = ctx.cfg, ctx.table
+        val = validation.settings(cfg)
+        if table.multilabel:
+            from ssl_pipeline.multilabel.settings import settings
+
+            conf = {"ml": settings(cfg), "labeler": OmegaConf.to_container(cfg.multilabel.get("labeler", {}),
+                                                                          resolve=True), "seed": int(cfg.seed)}
+            labels = array_hash(np.where(table.labeled[:, None], np.asarray(table.y_true), -1).astype(np.int8))
+        else:
+            conf = OmegaConf.to_container(cfg.pseudolabel, resolve=True)
+            labels = array_hash(table.y[np.load(ctx.path("cluster") / "rows.npy")])
+        return ctx.cache.key("pseudolabel", {"cfg": conf, "labels": labels, "val": val}, ctx.key_of("cluster"))
+
+    def build(self, ctx: Context, out: Path) -> dict:
+        if ctx.table.multilabel:
+            from ssl_pipeline.multilabel.recipe import build_pseudolabels
+
+            return build_pseudolabels(ctx, out)
+        cfg, table, store, cluster_dir = ctx.cfg, ctx.table, ctx.state["store"], ctx.path("cluster")
+        rows = np.load(cluster_dir / "rows.npy")
+        y = table.y[rows]
+        labeled = y >= 0
+        X = load_rows(store, np.searchsorted(store.rows, rows))  # float16 memory map (float32 copies: labelers)
+        graph = load_graph(cluster_dir)
+        t0 = time.perf_counter()
+        labeler = _fit_labeler(cfg, X, y, graph)
+        seconds = time.perf_counter() - t0
+        log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
+        arrs = _arrays(labeler, rows, labeled, graph)
+        metrics = score(arrs["labels"], arrs["confidence"], np.asarray(table.y_true)[rows], ~labeled)
+        metrics["pseudolabel/n_labeled"] = int(labeled.sum())
+        metrics["pseudolabel/n_noise"] = int(arrs["noise"][~labeled].sum())
+        metrics["pseudolabel/seconds"] = round(seconds, 2)
+        for attr, name in (("k_", "k"), ("n_clusters_", "n_clusters"), ("delta_k_", "delta_k"),
+                           ("n_tiers_", "n_tiers")):
+            if hasattr(labeler, attr):
+                metrics[f"pseudolabel/{name}"] = float(getattr(labeler, attr))
+        write_arrays(out, arrs)
+        write_json(out / "labeler.json", {"name": cfg.pseudolabel.get("name", type(labeler).__name__),
+                                          "class": type(labeler).__name__,
+                                          "params": OmegaConf.to_container(cfg.pseudolabel, resolve=True)})
+        metrics.update(validate_labeler(cfg, X, y, rows, graph, out))
+        return metrics
+
+    def export(self, ctx: Context, result: StageResult) -> None:
+        if ctx.table.multilabel:
+            from ssl_pipeline.multilabel.recipe import export_pseudolabels
+
+            export_pseudolabels(ctx.table, result.path, ctx.run_dir)
+        else:
+            write_pseudolabels(pseudolabel_columns(ctx.table, result.path, ctx.path("cluster")), ctx.run_dir)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_pipeline import report as views_lib
 from ssl_pipeline.artifacts import atomic_write_bytes, atomic_write_text
 from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline.stages.base import Context, Stage, StageResult, write_run_files
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     m = write_report(art, argv[0], options(art.cfg))
     print(f"{m['report/n_figures']} figures -> {Path(argv[0]) / 'report.html'} ({m['report/seconds']}s)")
     return 0
+
+
+
+class Report(Stage):
+    """Stage 5: figures and ``report.html`` from the run's files (not cached: it is cheap and reads the run)."""
+
+    name = "report"
+
+    def run(self, ctx: Context) -> StageResult:
+        write_run_files(ctx)  # the report reads metrics.json / artifacts.json of the run so far
+        # multi-label runs: the report draws the per-label decisions from the run directory's exports
+        artifacts = {} if ctx.table.multilabel else {k: str(r.path) for k, r in ctx.results.items() if r.path}
+        return StageResult(None, run(ctx.cfg, ctx.table, ctx.run_dir, artifacts, ctx.metrics))
+
+
+REPORT = Report()
 
 
 if __name__ == "__main__":

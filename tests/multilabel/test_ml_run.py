@@ -1,4 +1,4 @@
-"""The alignment head on its own, and the whole multi-label path end to end with the tiny CLIP."""
+"""The alignment head on its own, and multi-label data through the pipeline's stages with the tiny CLIP."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_pipeline.artifacts import ArtifactCache
+from ssl_pipeline import pipeline
 from ssl_pipeline.data.multilabel import multilabel_csv_table
 from ssl_pipeline.errors import ConfigError
-from ssl_pipeline.multilabel import run as mlrun
+from ssl_pipeline.multilabel import settings as mlset
 from ssl_pipeline.multilabel.head import AlignmentHead, init_class_embeddings
 from ssl_pipeline.multilabel.train import fit, predict
 from tests.conftest import make_config
@@ -83,10 +83,10 @@ def test_head_learns_a_token_level_task():
     x_tr, Y_tr = x[:200], Y[:200]
     x_te, Y_te = x[200:], Y[200:]
     e = init_class_embeddings(x_tr.numpy(), Y_tr.numpy())
-    settings = dict(mlrun.DEFAULTS, steps=60, warmup_steps=0, batch_labeled=32, lr=1e-2)
+    settings = dict(mlset.DEFAULTS, steps=60, warmup_steps=0, batch_labeled=32, lr=1e-2)
     module = fit(AlignmentHead(16, e, np.array([0, 1, 2]), hidden=16), x_tr, Y_tr, Y_tr, None, None, settings, 0)
     S, _ = predict(module.teacher, x_te)
-    assert mlrun.macro_map(Y_te.numpy().astype(int), S) > 0.9
+    assert mlset.macro_map(Y_te.numpy().astype(int), S) > 0.9
 
 
 def tiny_ml_config(root: Path, tmp: Path, *extra: str):
@@ -94,51 +94,53 @@ def tiny_ml_config(root: Path, tmp: Path, *extra: str):
         "backbone=tiny", "data=multilabel_csv", f"data.root={root / 'img'}", f"data.manifest={root / 'labels.csv'}",
         "data.labeled_fraction=0.3", "data.image_size=null", "encode.shard_size=16", "encode.batch_size=16",
         "++multilabel.steps=30", "++multilabel.warmup_steps=10", "++multilabel.refresh_every=10",
-        "++multilabel.pseudo.knn_k=5", "++multilabel.token_dim=16", *extra, cache_dir=tmp / "cache")
+        "++multilabel.pseudo.knn_k=5", "++multilabel.token_dim=16", "cluster.n_clusters=2", *extra,
+        cache_dir=tmp / "cache")
 
 
-def test_run_end_to_end_on_tiny_mosaics(tmp_path, monkeypatch):
+def test_stages_end_to_end_on_tiny_mosaics(tmp_path, monkeypatch):
     root = make_mosaics(tmp_path / "mosaics")
-    cfg = tiny_ml_config(root, tmp_path)
-    table = multilabel_csv_table(cfg.data)
-    cache = ArtifactCache(cfg.paths.cache_dir)
-    m = mlrun.run(cfg, table, cache, tmp_path / "run")
-    for k in ("retrain/test_map", "retrain/labeled_only_test_map", "pseudolabel/precision", "pseudolabel/recall",
-              "pseudolabel/coverage", "contexts/n_contexts", "encode/n_images"):
-        assert k in m, k
-    assert 0 <= m["retrain/test_map"] <= 1 and 0 <= m["pseudolabel/coverage"] <= 1
+    # stage=pseudolabel stops after the pseudo-labels: no retrain metrics
+    m1 = pipeline.run(tiny_ml_config(root, tmp_path, "stage=pseudolabel"), tmp_path / "pl")
+    assert not [k for k in m1 if k.startswith("retrain/")]
+    for k in ("pseudolabel/precision", "pseudolabel/recall", "pseudolabel/coverage", "contexts/n_contexts",
+              "encode/n_images", "cluster/n_points", "val/map", "val/n_heldout"):
+        assert k in m1, k
+    assert 0 <= m1["val/map"] <= 1 and 0 <= m1["pseudolabel/coverage"] <= 1
+    table = multilabel_csv_table(tiny_ml_config(root, tmp_path).data)
     n_unl = int((table.train & ~table.labeled).sum())
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "pl"
     rows = list(csv.DictReader((run_dir / "pseudolabels_multilabel.csv").open()))
     assert len(rows) == n_unl * 4 and set(rows[0]) >= {"id", "path", "label", "score", "decision", "masked", "true"}
     generic = list(csv.DictReader((run_dir / "pseudolabels.csv").open()))
     assert len(generic) == n_unl and generic[0]["label_id"] == "-1"
     assert all(set(r["label"].split("|")) <= set(COLOURS) | {""} for r in generic)
     assert json.loads((run_dir / "contexts.json").read_text())["classes"] == list(COLOURS)
-    # the report stage draws the per-label decisions of a multi-label run
-    from ssl_pipeline.stages import report
-
-    rm = report.run(cfg, table, run_dir, {}, m)
-    pngs = sorted(p.name for p in (run_dir / "report").glob("*.png"))
-    assert rm["report/n_figures"] >= 1 and any("multilabel" in p for p in pngs), pngs
-    html = (run_dir / "report.html").read_text()
-    assert "Multi-label pseudo-label decisions" in html and "precision" in html
-    # a second run reuses both cached stages: no backbone, no training
+    # stage=retrain afterwards reuses the pseudolabel artifact: no backbone, no labeler fit
     import ssl_pipeline.backbones as bb
-    import ssl_pipeline.multilabel.run as runmod
+    import ssl_pipeline.multilabel.labeler as labmod
 
     monkeypatch.setattr(bb, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
-    monkeypatch.setattr(runmod, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))
-    m2 = mlrun.run(cfg, table, cache, tmp_path / "run2")
-    assert m2["retrain/test_map"] == pytest.approx(m["retrain/test_map"])
-    assert (tmp_path / "run2" / "pseudolabels.csv").read_bytes() == (run_dir / "pseudolabels.csv").read_bytes()
+    monkeypatch.setattr(labmod.CSALabeler, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-fit")))
+    m2 = pipeline.run(tiny_ml_config(root, tmp_path, "stage=report"), tmp_path / "rt")
+    a1 = json.loads((tmp_path / "pl" / "artifacts.json").read_text())
+    a2 = json.loads((tmp_path / "rt" / "artifacts.json").read_text())
+    assert a1["pseudolabel"] == a2["pseudolabel"] and a1["cluster"] == a2["cluster"]
+    for k in ("retrain/test_map", "retrain/labeled_only_test_map", "retrain/gain", "val/retrain_map"):
+        assert k in m2, k
+    assert m2["val/map"] == m2["val/retrain_map"] and 0 <= m2["retrain/test_map"] <= 1
+    assert (tmp_path / "rt" / "pseudolabels.csv").read_bytes() == (run_dir / "pseudolabels.csv").read_bytes()
+    # the report stage draws the per-label decisions of a multi-label run
+    pngs = sorted(p.name for p in (tmp_path / "rt" / "report").glob("*.png"))
+    assert m2["report/n_figures"] >= 1 and any("multilabel" in p for p in pngs), pngs
+    html = (tmp_path / "rt" / "report.html").read_text()
+    assert "Multi-label pseudo-label decisions" in html and "precision" in html
 
 
 def test_unreadable_image_is_skipped_and_counted(tmp_path):
     root = make_mosaics(tmp_path / "mosaics", n=32)
     (root / "img" / "005.png").write_bytes(b"not an image")
-    cfg = tiny_ml_config(root, tmp_path, "stage=encode")
-    m = mlrun.run(cfg, multilabel_csv_table(cfg.data), ArtifactCache(cfg.paths.cache_dir), tmp_path / "run")
+    m = pipeline.run(tiny_ml_config(root, tmp_path, "stage=encode"), tmp_path / "run")
     assert m["encode/n_skipped"] == 1 and "retrain/test_map" not in m
     assert "005.png" in (tmp_path / "run" / "skipped.csv").read_text()
 
@@ -146,7 +148,6 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
 def test_bad_settings_name_their_key(tmp_path):
     root = make_mosaics(tmp_path / "mosaics", n=16)
     with pytest.raises(ConfigError, match="multilabel.pseudo.band"):
-        mlrun.settings(tiny_ml_config(root, tmp_path, "++multilabel.pseudo.band=1.5"))
+        mlset.settings(tiny_ml_config(root, tmp_path, "++multilabel.pseudo.band=1.5"))
     with pytest.raises(ConfigError, match="multilabel.nope"):
-        mlrun.settings(tiny_ml_config(root, tmp_path, "++multilabel.nope=1"))
-
+        mlset.settings(tiny_ml_config(root, tmp_path, "++multilabel.nope=1"))

@@ -1,0 +1,199 @@
+"""The multi-label recipe inside the pipeline's stages (pseudolabel, retrain) and its run-directory exports.
+
+* **pseudolabel** (:func:`build_pseudolabels`): the labeler of ``cfg.multilabel.labeler``
+  (default :class:`~ssl_pipeline.multilabel.labeler.CSALabeler`) on the encode
+  stage's spatial tokens, smoothed over the cluster stage's kNN graph; writes the
+  pseudo-labels, the trained teacher head and the label contexts. ``val/map``: the
+  same labeler refitted with a held-out fold of the labeled images hidden, its
+  pseudo-label scores on that fold (macro mAP).
+* **retrain** (:func:`build_retrain`): the semi-supervised head (the teacher the
+  pseudo-labels came from) against the same head trained on the labeled images
+  only (same seed, steps, augmentation), both scored on the test split
+  (``retrain/test_map``, ``retrain/labeled_only_test_map``, ``retrain/gain``);
+  ``val/retrain_map`` (also ``val/map``): the fold fit's teacher on the held-out fold.
+
+Exports (:func:`export_pseudolabels`): ``pseudolabels_multilabel.csv`` (one row per
+unlabeled image and label), ``pseudolabels.csv`` (the generic audit columns, one
+row per unlabeled image), ``contexts.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from ssl_pipeline import validation
+from ssl_pipeline.artifacts import atomic_write_text, write_json
+from ssl_pipeline.audit import COLUMNS
+from ssl_pipeline.data.table import SampleTable
+from ssl_pipeline.multilabel.contexts import context_targets
+from ssl_pipeline.multilabel.labeler import CSALabeler
+from ssl_pipeline.multilabel.settings import macro_map, settings
+from ssl_pipeline.multilabel.train import fit, predict
+from ssl_pipeline.stage_io import load_features, load_graph, read_arrays, write_arrays
+
+log = logging.getLogger(__name__)
+
+
+def make_labeler(cfg, s: dict):
+    """``cfg.multilabel.labeler`` (a ``_target_``) given the settings and seed; CSALabeler when absent."""
+    ml = cfg.get("multilabel")
+    if ml is not None and ml.get("labeler") is not None:
+        return instantiate(ml.labeler, settings=s, seed=int(cfg.seed))
+    return CSALabeler(s, int(cfg.seed))
+
+
+def _inputs(ctx):
+    feats = load_features(ctx.path("encode"))
+    rows = np.load(ctx.path("cluster") / "rows.npy")
+    pos = np.searchsorted(feats.rows, rows)
+    return feats, rows, pos
+
+
+def build_pseudolabels(ctx, out: Path) -> dict:
+    """The pseudolabel stage on multi-label data: fit, write the artifact into ``out``, return the metrics."""
+    cfg, table = ctx.cfg, ctx.table
+    s = settings(cfg)
+    t0 = time.perf_counter()
+    feats, rows, pos = _inputs(ctx)
+    tokens = feats.tokens[pos]
+    Y = np.asarray(table.y_true)[rows].astype(np.int8)
+    labeled = np.asarray(table.labeled)[rows]
+    graph = load_graph(ctx.path("cluster"))
+    lab = make_labeler(cfg, s).fit(tokens, Y, labeled, graph, text=feats.text)
+    unl = ~labeled
+    m: dict = {"contexts/n_contexts": int(lab.contexts_["n_contexts"]), "train/n_labeled": int(labeled.sum()),
+               "train/n_unlabeled": int(unl.sum()), "pseudolabel/n_labeled": int(labeled.sum())}
+    for c, name in enumerate(table.classes):
+        m[f"pseudolabel/pi/{name}"] = round(float(lab.pi_[c]), 4)
+    if unl.any():
+        Yu, dec = Y[unl], lab.decision_[unl]
+        tp = int((dec & (Yu == 1)).sum())
+        m["pseudolabel/precision"] = tp / max(int(dec.sum()), 1)
+        m["pseudolabel/recall"] = tp / max(int(Yu.sum()), 1)
+        m["pseudolabel/coverage"] = float(lab.counted_[unl].mean())
+        m["pseudolabel/map"] = macro_map(Yu, lab.scores_[unl])
+        m["pseudolabel/n_vetoed"] = int(lab.vetoed_[unl].sum())
+        m["pseudolabel/n_unlabeled"] = int(unl.sum())
+        for c, name in enumerate(table.classes):
+            m[f"pseudolabel/threshold/{name}"] = round(float(lab.tau_[c]), 4) if np.isfinite(lab.tau_[c]) else None
+    write_arrays(out, {"rows": rows, "labeled": labeled, "scores": lab.scores_, "decision": lab.decision_,
+                       "counted": lab.counted_, "vetoed": lab.vetoed_})
+    lab.save(out)
+    groups = [[table.classes[c] for c in np.flatnonzero(lab.context_of_ == g)] for g in range(m["contexts/n_contexts"])]
+    write_json(out / "contexts.json", {"contexts": groups, "eigenvalues": lab.contexts_["eigenvalues"],
+                                       "affinity": lab.contexts_["affinity"], "classes": table.classes,
+                                       "history": lab.history_})
+    write_json(out / "labeler.json", {"name": "multilabel:" + str(cfg.get("multilabel", {}).get("name", "csa")),
+                                      "class": type(lab).__name__, "params": s})
+    m["train/seconds"] = m["pseudolabel/seconds"] = round(time.perf_counter() - t0, 2)
+    m.update(_validate(cfg, s, tokens, Y, labeled, graph, feats.text, out))
+    return m
+
+
+def _validate(cfg, s: dict, tokens, Y, labeled, graph, text, out: Path) -> dict:
+    """Refit with each held-out fold of labeled images hidden: ``val/map`` of its pseudo-label scores on the fold;
+    the fold's teacher scores are kept (``val_teacher.npz``) for the retrain stage's ``val/retrain_map``."""
+    folds = validation.multilabel_folds(Y, labeled, validation.settings(cfg))
+    if not folds:
+        return {}
+    t0 = time.perf_counter()
+    held_all, pseudo, teacher = [], [], []
+    for held in folds:
+        lab_f = labeled.copy()
+        lab_f[held] = False
+        f = make_labeler(cfg, s).fit(tokens, Y, lab_f, graph, text=text)
+        held_all.append(held)
+        pseudo.append(f.scores_[held])
+        teacher.append(f.teacher_scores_[held])
+    held = np.concatenate(held_all)
+    np.savez(out / "val_teacher.npz", rows=held, teacher=np.concatenate(teacher), pseudo=np.concatenate(pseudo))
+    v = macro_map(Y[held], np.concatenate(pseudo))
+    log.info("pseudolabel: validation on %d held-out labeled images: mAP %.4f", len(held), v)
+    return {"val/map": v, "val/pseudolabel_map": v, "val/n_heldout": len(held), "val/folds": len(folds),
+            "val/seconds": round(time.perf_counter() - t0, 2)}
+
+
+def build_retrain(ctx, out: Path) -> dict:
+    """The retrain stage on multi-label data: semi-supervised teacher vs labeled-only head on the test split."""
+    cfg, table = ctx.cfg, ctx.table
+    s, seed = settings(cfg), int(cfg.seed)
+    t0 = time.perf_counter()
+    pl_dir = ctx.path("pseudolabel")
+    feats = load_features(ctx.path("encode"))
+    arr = read_arrays(pl_dir, ("rows", "labeled"))
+    rows, labeled = arr["rows"], arr["labeled"].astype(bool)
+    semi = CSALabeler.load(pl_dir, s, seed)
+    pos = np.full(len(table), -1, np.int64)
+    pos[feats.rows] = np.arange(len(feats.rows))
+    test = np.flatnonzero(table.test & (pos >= 0))
+    lab = rows[labeled]
+    Y = np.asarray(table.y_true).astype(np.int8)
+    tok_lab, tok_test = semi.transform(feats.tokens[pos[lab]]), semi.transform(feats.tokens[pos[test]])
+    Y_lab = Y[lab]
+    ctx_lab = context_targets(Y_lab, semi.context_of_)
+    lab_only = fit(semi.new_head(), tok_lab, torch.from_numpy(Y_lab.astype(np.float32)), torch.from_numpy(ctx_lab),
+                   None, None, s, seed)
+    S_semi, _ = predict(semi.head_, tok_test)
+    S_lab, _ = predict(lab_only.teacher, tok_test)
+    m: dict = {"retrain/mode": "multilabel", "retrain/n_test": len(test), "retrain/n_train": len(rows)}
+    if len(test):
+        m["retrain/test_map"] = macro_map(Y[test], S_semi)
+        m["retrain/labeled_only_test_map"] = macro_map(Y[test], S_lab)
+        m["retrain/gain"] = m["retrain/test_map"] - m["retrain/labeled_only_test_map"]
+    if (pl_dir / "val_teacher.npz").exists():
+        v = np.load(pl_dir / "val_teacher.npz")
+        m["val/retrain_map"] = m["val/map"] = macro_map(Y[rows[v["rows"]]], v["teacher"])
+    write_arrays(out, {"rows_test": test, "test_scores": S_semi, "test_scores_labeled_only": S_lab})
+    torch.save(lab_only.teacher.state_dict(), out / "head_labeled_only.pt")
+    m["retrain/seconds"] = round(time.perf_counter() - t0, 2)
+    return m
+
+
+def _write_generic(rows: list[dict], run_dir: Path) -> None:
+    """``pseudolabels.csv`` in the pipeline's audit columns (:data:`ssl_pipeline.audit.COLUMNS`)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(run_dir / "pseudolabels.csv", buf.getvalue())
+
+
+def export_pseudolabels(table: SampleTable, pl_dir: Path, run_dir: Path) -> None:
+    """Write ``pseudolabels_multilabel.csv``, ``pseudolabels.csv`` and ``contexts.json`` from a pseudolabel artifact."""
+    a = read_arrays(pl_dir, ("rows", "labeled", "scores", "decision", "counted", "vetoed"))
+    atomic_write_text(run_dir / "contexts.json", (pl_dir / "contexts.json").read_text())
+    sel = ~a["labeled"].astype(bool)
+    unl = a["rows"][sel]
+    S, D, K, V = (a[k][sel] for k in ("scores", "decision", "counted", "vetoed"))
+    Y = np.asarray(table.y_true)
+    classes = table.classes
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "path", "label", "score", "decision", "masked", "vetoed", "true"])
+    rows = []
+    for i, r in enumerate(unl):
+        known = bool((Y[r] >= 0).all())
+        for c, name in enumerate(classes):
+            w.writerow([table.ids[r], table.paths[r] or "", name, f"{S[i, c]:.6f}", int(D[i, c]), int(not K[i, c]),
+                        int(V[i, c]), int(Y[r, c]) if known else ""])
+        pred = [classes[c] for c in np.flatnonzero(D[i])]
+        true = [classes[c] for c in np.flatnonzero(Y[r] == 1)] if known else []
+        cert = np.where(D[i], S[i], 1.0 - S[i])
+        rows.append({
+            "id": table.ids[r], "path": table.paths[r] or "", "label": "|".join(pred), "label_id": -1,
+            "confidence": f"{float(cert.mean()):.6f}", "source": "multilabel:csa", "tier": 0, "cluster": -1,
+            "agreement": f"{float(K[i].mean()):.4f}", "noise": int(bool(V[i].any())),
+            "true_label": "|".join(true) if known else "",
+            "correct": int(D[i].astype(int).tolist() == (Y[r] == 1).astype(int).tolist()) if known else "",
+        })
+    atomic_write_text(run_dir / "pseudolabels_multilabel.csv", buf.getvalue())
+    _write_generic(rows, run_dir)
+
