@@ -44,3 +44,30 @@ def test_recommit_replaces_existing_entry(tmp_path):
         (d / "v").write_text("2")
     assert (c.path("s", "k") / "v").read_text() == "2"
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["k"]
+
+
+def test_stage_helper_reuses_forces_and_commits_nothing_on_error(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    with cache.stage("s", "k") as st:
+        assert not st.reused
+        (st.dir / "a.txt").write_text("1")
+        st.metrics = {"s/x": 1}
+    assert cache.is_complete("s", "k") and (st.path / "a.txt").read_text() == "1"
+    with cache.stage("s", "k") as again:
+        assert again.reused and again.metrics == {"s/x": 1} and again.dir is None
+    with cache.stage("s", "k", force=True) as forced:
+        assert not forced.reused
+        forced.metrics = {"s/x": 2}
+    with cache.stage("s", "k") as st:
+        assert st.metrics == {"s/x": 2}
+    with pytest.raises(RuntimeError):
+        with cache.stage("s", "k2") as st:
+            raise RuntimeError("boom")
+    assert not cache.is_complete("s", "k2")
+    with pytest.raises(RuntimeError):  # a partial stage keeps its pieces for the next run
+        with cache.stage("s", "k3", partial=True) as st:
+            (st.dir / "piece").write_text("p")
+            raise RuntimeError("killed")
+    with cache.stage("s", "k3", partial=True) as st:
+        assert (st.dir / "piece").exists()
+    assert cache.is_complete("s", "k3")

@@ -116,6 +116,18 @@ def test_cli_exits_nonzero_with_one_line_naming_the_key(tmp_path, image_root):
                         "data.labeled_per_class=100000", f"hydra.run.dir={tmp_path / 'cli'}",
                         f"paths.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
-    assert p.returncode != 0
-    assert "data.labeled_per_class" in p.stderr
+    assert p.returncode == 2
+    out = (p.stdout + p.stderr).splitlines()
+    named = [x for x in out if "data.labeled_per_class" in x]
+    assert len(named) == 1 and "Traceback" not in p.stdout + p.stderr  # printed once, one line
+    log = (tmp_path / "cli" / "__main__.log").read_text()
+    assert "Traceback" in log and "data.labeled_per_class" in log  # the full trace is in the run's log file
     assert not (tmp_path / "cache" / "encode").exists(), "expensive work started before the config was checked"
+
+
+def test_every_stage_has_the_same_contract():
+    from ssl_pipeline.stages.base import Stage
+
+    assert pipeline.STAGES == ["encode", "cluster", "pseudolabel", "retrain", "report"]
+    for stage in pipeline.REGISTRY:
+        assert isinstance(stage, Stage) and callable(stage.key) and callable(stage.run)
