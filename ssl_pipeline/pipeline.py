@@ -56,14 +56,6 @@ def validate(cfg: DictConfig) -> list[str]:
     return STAGES[: STAGES.index(cfg.stage) + 1]
 
 
-def forced(cfg: DictConfig, stage: str) -> bool:
-    f = cfg.get("force") or []
-    if f == "all":
-        return True
-    f = [f] if isinstance(f, str) else list(f)
-    return stage in f or "all" in f
-
-
 SUMMARY_KEYS = ["encode/n_images", "encode/n_skipped", "encode/images_per_s", "cluster/n_clusters", "cluster/index",
                 "pseudolabel/k", "pseudolabel/accuracy", "pseudolabel/accuracy_top50", "pseudolabel/coverage",
                 "pseudolabel/precision", "pseudolabel/recall", "val/accuracy", "val/map", "retrain/test_accuracy",
@@ -100,12 +92,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         if stage.name not in todo:
             break
         result = stage.run(ctx)
-        ctx.results[stage.name] = result
         ctx.metrics.update(result.metrics)
-        if result.path is not None:
+        if result.path is not None:  # artifacts.json lists the cached stages' folders
             ctx.results[stage.name] = result
-        else:
-            del ctx.results[stage.name]
     ctx.metrics["pipeline/seconds"] = round(time.perf_counter() - t0, 2)
     write_run_files(ctx)
     print_summary(ctx.metrics, run_dir)

@@ -122,3 +122,14 @@ def test_knn_vote_smooths_towards_neighbours():
     T[:50] = 0.5  # unknown halves
     vote = knn_vote(T, sims, idx)
     assert vote.shape == (100, 4) and np.allclose(vote[50:], np.eye(4)[y[50:]], atol=0.35)
+
+
+def test_graph_neighbours_take_the_cluster_graph_and_pad_missing_with_self():
+    from ssl_pipeline.labeling.knn import KNNGraph
+    from ssl_pipeline.multilabel.labeler import graph_neighbours
+
+    g = KNNGraph(idx=np.array([[1, 2, -1], [0, -1, -1], [0, 1, -1]]),
+                 sim=np.array([[0.9, 0.5, -np.inf], [0.9, -np.inf, -np.inf], [0.5, 0.4, -np.inf]], np.float32))
+    sims, idx = graph_neighbours(g, 2)
+    assert idx.tolist() == [[1, 2], [0, 1], [0, 1]]
+    assert sims[1].tolist() == [pytest.approx(0.9), 0.0]  # the missing neighbour: itself, weight 0
