@@ -9,6 +9,10 @@ labeled rows is hidden, scored on that fold:
 * many: one stratified split holding out ``val.fraction`` of each class's labels
   (one extra fit, so the cost stays bounded at scale).
 
+Above ``val.max_rows`` graph rows the validation fits run on a seeded uniform
+sample of that many rows with its own exact kNN graph (single-label labelers),
+which bounds their cost at scale.
+
 A class with a single labeled row is never held out (hiding it would leave the
 labeler without the class); neither is a row whose removal would leave a label of
 multi-label data without a training positive. Folds are seeded (``val.seed``).
@@ -22,7 +26,8 @@ from omegaconf import DictConfig
 
 from ssl_pipeline.errors import ConfigError
 
-DEFAULTS = {"folds": 5, "kfold_below": 500, "fraction": 0.2, "multilabel_folds": 1, "retrain_folds": 1, "seed": 0}
+DEFAULTS = {"folds": 5, "kfold_below": 500, "fraction": 0.2, "multilabel_folds": 1, "retrain_folds": 1,
+            "max_rows": 50_000, "seed": 0}
 
 
 def settings(cfg: DictConfig) -> dict:
@@ -33,7 +38,7 @@ def settings(cfg: DictConfig) -> dict:
         if k not in DEFAULTS:
             raise ConfigError(f"val.{k}", f"unknown validation setting; valid: {', '.join(sorted(DEFAULTS))}")
         v[k] = given[k]
-    for k in ("folds", "kfold_below", "multilabel_folds", "retrain_folds"):
+    for k in ("folds", "kfold_below", "multilabel_folds", "retrain_folds", "max_rows"):
         if int(v[k]) < 0:
             raise ConfigError(f"val.{k}", f"must be >= 0, got {v[k]}")
     if int(v["folds"]) == 1:

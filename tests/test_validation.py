@@ -78,3 +78,19 @@ def test_pseudolabel_run_reports_val_accuracy_and_keeps_every_label(tmp_path, em
     off = make_config("data=embeddings", f"data.path={embeddings_file}", "pseudolabel=knn", "stage=pseudolabel",
                       "val.folds=0", cache_dir=tmp_path / "cache")
     assert "val/accuracy" not in pipeline.run(off, tmp_path / "run_off")
+
+
+def test_validation_sample_bounds_the_fits_at_scale():
+    from ssl_pipeline.labeling.knn import knn_graph
+    from ssl_pipeline.stages.pseudolabel import validation_sample
+    from tests.conftest import blobs
+
+    X, y = blobs(n_per_class=50)
+    g = knn_graph(X, 8)
+    rows = np.arange(100, 100 + len(X))
+    same = validation_sample(X, y, rows, g, 0, 0)
+    assert same[0] is X and same[3] is g
+    Xs, ys, rs, gs = validation_sample(X, y, rows, g, 120, 0)
+    assert Xs.shape == (120, X.shape[1]) and len(ys) == len(rs) == 120 and gs.idx.shape == (120, 8)
+    assert np.isin(rs, rows).all() and (np.diff(rs) > 0).all()
+    assert (gs.idx < 120).all() and (gs.idx != np.arange(120)[:, None]).all()

@@ -74,6 +74,23 @@ def _arrays(labeler, rows: np.ndarray, labeled: np.ndarray, graph) -> dict[str, 
             "agreement": np.asarray(agreement, np.float32), "labeled": labeled}
 
 
+def validation_sample(X, y: np.ndarray, rows: np.ndarray, graph, max_rows: int, seed: int):
+    """(X, y, rows, graph) of a seeded uniform sample of ``max_rows`` graph rows, with its own exact kNN graph.
+
+    Above ``val.max_rows`` rows the validation fits run on such a sample (labeled
+    and unlabeled rows drawn alike, so the share of labels is kept), which bounds
+    their cost at scale; the main fit always sees every row.
+    """
+    if not max_rows or len(rows) <= max_rows:
+        return X, y, rows, graph
+    from ssl_pipeline.labeling.knn import as_unit_rows, knn_graph
+
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), max_rows, replace=False))
+    Xs = np.asarray(X[pick])
+    log.info("pseudolabel: validation fits on a sample of %d of %d rows (val.max_rows)", max_rows, len(rows))
+    return Xs, y[pick], rows[pick], knn_graph(as_unit_rows(Xs), graph.k)
+
+
 def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph, out: Path) -> dict:
     """Refit the labeler with each held-out fold of labeled rows hidden; score the fold (``val/*`` metrics).
 
@@ -82,10 +99,11 @@ def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph,
     for the retrain stage's validation head.
     """
     vs = validation.settings(cfg)
-    folds = validation.single_label_folds(y, vs)
-    if not folds:
+    if not validation.single_label_folds(y, vs):
         return {}
     t0 = time.perf_counter()
+    X, y, rows, graph = validation_sample(X, y, rows, graph, int(vs["max_rows"]), int(vs["seed"]))
+    folds = validation.single_label_folds(y, vs)
     correct = total = 0
     for f, held in enumerate(folds):
         y_f = y.copy()
@@ -105,7 +123,7 @@ def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph,
     log.info("pseudolabel: validation on %d held-out labeled rows in %d fold(s): accuracy %.4f", total, len(folds),
              correct / total)
     return {"val/accuracy": correct / total, "val/pseudolabel_accuracy": correct / total, "val/n_heldout": total,
-            "val/folds": len(folds), "val/seconds": round(time.perf_counter() - t0, 2)}
+            "val/folds": len(folds), "val/n_rows": len(rows), "val/seconds": round(time.perf_counter() - t0, 2)}
 
 
 class Pseudolabel(CachedStage):
