@@ -9,9 +9,10 @@ labeled rows is hidden, scored on that fold:
 * many: one stratified split holding out ``val.fraction`` of each class's labels
   (one extra fit, so the cost stays bounded at scale).
 
-Above ``val.max_rows`` graph rows the validation fits run on a seeded uniform
-sample of that many rows with its own exact kNN graph (single-label labelers),
-which bounds their cost at scale.
+Above ``val.max_rows`` graph rows the validation fit runs on a seeded uniform
+sample of that many rows with its own exact kNN graph and one held-out split
+(single-label labelers), which bounds its cost at scale; the sparser graph makes
+that figure lower than the full run's accuracy (a ranking, not an estimate).
 
 A class with a single labeled row is never held out (hiding it would leave the
 labeler without the class); neither is a row whose removal would leave a label of

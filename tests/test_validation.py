@@ -94,3 +94,19 @@ def test_validation_sample_bounds_the_fits_at_scale():
     assert Xs.shape == (120, X.shape[1]) and len(ys) == len(rs) == 120 and gs.idx.shape == (120, 8)
     assert np.isin(rs, rows).all() and (np.diff(rs) > 0).all()
     assert (gs.idx < 120).all() and (gs.idx != np.arange(120)[:, None]).all()
+
+
+def test_a_sampled_validation_fits_once(tmp_path):
+    from ssl_pipeline.labeling.knn import knn_graph
+    from ssl_pipeline.stages.pseudolabel import validate_labeler
+    from tests.conftest import blobs
+
+    X, y_true = blobs(n_per_class=60)
+    y = np.full(len(y_true), -1)
+    y[::6] = y_true[::6]  # 40 labels: 5-fold without sampling, one split with it
+    cfg = make_config("pseudolabel=knn", "val.max_rows=150")
+    m = validate_labeler(cfg, X, y, np.arange(len(y)), knn_graph(X, 20), tmp_path)
+    assert m["val/folds"] == 1 and m["val/n_rows"] == 150 and 0 <= m["val/accuracy"] <= 1
+    full = validate_labeler(make_config("pseudolabel=knn", "val.max_rows=0"), X, y, np.arange(len(y)),
+                            knn_graph(X, 20), tmp_path / "full")
+    assert full["val/folds"] == 5 and full["val/n_heldout"] == 40
