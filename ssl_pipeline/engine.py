@@ -133,3 +133,20 @@ def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
     """Contiguous slice [start, stop) of n items for ``rank`` of ``world``."""
     per = math.ceil(n / world) if world else n
     return min(n, rank * per), min(n, (rank + 1) * per)
+
+
+def check_trainer(tcfg: DictConfig | dict | None) -> None:
+    """Refuse, before any work, a ``trainer`` config this machine cannot run (a GPU accelerator without CUDA)."""
+    from ssl_pipeline.errors import ConfigError
+
+    if tcfg is None:
+        return
+    acc = str(tcfg.get("accelerator", "cpu")).lower()
+    if acc in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator", f"{acc} asked for (trainer=gpu?) but this machine has no CUDA "
+                                                     "device; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
+    elif acc not in ("cpu", "auto", "mps", "tpu"):
+        raise ConfigError("trainer.accelerator", f"unknown accelerator {acc!r}; valid: cpu, gpu, auto")

@@ -74,6 +74,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     cache = ArtifactCache(cfg.paths.cache_dir)
     t0 = time.perf_counter()
     table = build_table(cfg.data)
+    from ssl_pipeline.engine import check_trainer
+    from ssl_pipeline.retrain.options import check_loss
+
+    check_loss(cfg, table.multilabel)  # before any work: options that cannot run here stop at once
+    check_trainer(cfg.get("trainer"))
     metrics: dict = {}
     artifacts: dict[str, str] = {}
     if table.multilabel:

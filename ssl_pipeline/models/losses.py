@@ -264,7 +264,8 @@ class SamToNeLoss(nn.Module):
             return torch.tensor(1.0 / self.tau)
         return self.log_scale.exp().clamp(max=self.max_scale)
 
-    def _direction(self, x: Tensor, y: Tensor, not_neg: Tensor, scale: Tensor) -> Tensor:
+    def _direction(self, x: Tensor, y: Tensor, not_neg: Tensor, scale: Tensor,
+                   weight: Tensor | None = None) -> Tensor:
         """Loss of anchors ``x`` against cross-tower ``y`` and same-tower ``x``."""
         n = x.shape[0]
         eye = torch.eye(n, dtype=torch.bool, device=x.device)
@@ -278,9 +279,13 @@ class SamToNeLoss(nn.Module):
                 drop = drop | (sim.detach() > self.dup_margin)
             logits.append((sim * scale).masked_fill(drop, float("-inf")))
         target = torch.arange(n, device=x.device)
-        return F.cross_entropy(torch.cat(logits, dim=1), target)
+        if weight is None:
+            return F.cross_entropy(torch.cat(logits, dim=1), target)
+        per = F.cross_entropy(torch.cat(logits, dim=1), target, reduction="none")
+        return (per * weight).sum() / weight.sum().clamp_min(1e-12)
 
-    def forward(self, a: Tensor, b: Tensor, pos_mask: Tensor | None = None) -> Tensor:
+    def forward(self, a: Tensor, b: Tensor, pos_mask: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
+        """Scalar loss; ``weight`` (B,) optional per-pair weights (weighted mean over anchors, both directions)."""
         if a.ndim != 2 or a.shape != b.shape:
             raise ValueError(f"expected a and b of the same shape (B, D), got {tuple(a.shape)} and {tuple(b.shape)}")
         n = a.shape[0]
@@ -294,9 +299,9 @@ class SamToNeLoss(nn.Module):
             not_neg = pos_mask.to(device=a.device, dtype=torch.bool)
             not_neg = not_neg | not_neg.T
         scale = self.scale.to(a.device, a.dtype)
-        loss = self._direction(a, b, not_neg, scale)
+        loss = self._direction(a, b, not_neg, scale, weight)
         if self.bidirectional:
-            loss = 0.5 * (loss + self._direction(b, a, not_neg, scale))
+            loss = 0.5 * (loss + self._direction(b, a, not_neg, scale, weight))
         return loss
 
 

@@ -60,37 +60,39 @@ def fit_head(X: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int, cfg: D
         return _fit_head(X, y, w, n_classes, cfg, seed, log_dir, name, stats, targets)
 
 
-class RankBatches(torch.utils.data.Sampler):
-    """``steps`` global batches of ``batch_size`` rows drawn with replacement (seeded); each DDP rank takes its
-    contiguous share of every global batch, so N processes take the same optimizer steps as one.
-
-    The rank is read when iteration starts (after Lightning has set up the process group).
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``b``: this DDP rank's share of global batch ``b`` (``batch_size`` rows drawn with replacement,
+    seeded), as ``(x, y, w[, q], w_total)``; ``w_total`` is the global batch's weight sum, so that the
+    ranks' weighted means average to the global one (no collective needed). N processes take the
+    same optimizer steps as one. The rank is read at the first item (after Lightning set up DDP).
     """
 
-    def __init__(self, n: int, steps: int, batch_size: int, seed: int):
-        self.n, self.steps, self.bs, self.seed = int(n), int(steps), int(batch_size), int(seed)
-
-    def _world(self) -> tuple[int, int]:
-        d = torch.distributed
-        if d.is_available() and d.is_initialized():
-            return d.get_rank(), d.get_world_size()
-        return 0, 1
-
-    def __iter__(self):
+    def __init__(self, tensors: list[torch.Tensor], steps: int, batch_size: int, seed: int):
+        self.tensors, self.steps, self.bs = tensors, int(steps), int(batch_size)
         # the draws of torch's RandomSampler(replacement=True) with this seed (chunks of 32), batch by batch
-        g = torch.Generator().manual_seed(self.seed)
-        total = self.steps * self.bs
-        idx = [torch.randint(self.n, (32,), dtype=torch.int64, generator=g) for _ in range(total // 32)]
+        g = torch.Generator().manual_seed(int(seed))
+        n, total = len(tensors[0]), self.steps * self.bs
+        idx = [torch.randint(n, (32,), dtype=torch.int64, generator=g) for _ in range(total // 32)]
         if total % 32:
-            idx.append(torch.randint(self.n, (total % 32,), dtype=torch.int64, generator=g))
-        idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
-        rank, world = self._world()
-        lo, hi = rank_slice(self.bs, rank, world)
-        for b in range(self.steps):
-            yield idx[b * self.bs + lo:b * self.bs + hi].tolist()
+            idx.append(torch.randint(n, (total % 32,), dtype=torch.int64, generator=g))
+        self.idx = (torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)).reshape(self.steps, self.bs)
+        self.share = None
+
+    def _share(self) -> tuple[int, int]:
+        if self.share is None:
+            d = torch.distributed
+            rank, world = (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+            self.share = rank_slice(self.bs, rank, world)
+        return self.share
 
     def __len__(self) -> int:
         return self.steps
+
+    def __getitem__(self, b: int):
+        lo, hi = self._share()
+        rows = self.idx[b]
+        w_total = self.tensors[2][rows].sum()
+        return (*(t[rows[lo:hi]] for t in self.tensors), w_total)
 
 
 def _fit_head(X, y, w, n_classes, cfg, seed, log_dir, name, stats, targets) -> HeadModule:
@@ -101,11 +103,11 @@ def _fit_head(X, y, w, n_classes, cfg, seed, log_dir, name, stats, targets) -> H
     tensors = [torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(w)]
     if targets is not None:
         tensors.append(torch.from_numpy(np.asarray(targets, np.float32)))
-    ds = torch.utils.data.TensorDataset(*tensors)
     steps = int(rcfg.steps)
     # `steps` batches drawn with replacement: the same number of optimizer steps whatever the training-set
     # size (a labeled-only set of 40 gets as many updates as 4,000 pseudo-labels)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=RankBatches(len(ds), steps, int(rcfg.batch_size), seed))
+    loader = torch.utils.data.DataLoader(StepBatches(tensors, steps, int(rcfg.batch_size), seed), batch_size=None,
+                                         shuffle=False)
     loss = instantiate(cfg.loss) if "_target_" in cfg.loss else None
     module = HeadModule(X.shape[1], n_classes, head=rcfg.head, hidden=int(rcfg.hidden), lr=float(rcfg.lr),
                         weight_decay=float(rcfg.weight_decay), dropout=float(rcfg.get("dropout", 0.0)), loss=loss,
