@@ -162,7 +162,7 @@ class FinetuneModule(L.LightningModule):
 
     # -- data ------------------------------------------------------------------------------
     def train_dataloader(self):
-        from ssl_pipeline.models.finetune import StepBatchSampler, StepLoader, collate_train
+        from ssl_pipeline.models.views import StepBatchSampler, StepLoader, collate_train
 
         world, rank = self.trainer.world_size, self.trainer.global_rank
         bs = int(self.opt["batch_size"])
@@ -187,7 +187,7 @@ class FinetuneModule(L.LightningModule):
         return self.net(x, cached=self.cached)
 
     def on_train_batch_start(self, batch, batch_idx):
-        from ssl_pipeline.models.finetune import mix_seed
+        from ssl_pipeline.models.views import mix_seed
 
         torch.manual_seed(mix_seed(self.seed, 5, self.global_step, self.global_rank))
 
