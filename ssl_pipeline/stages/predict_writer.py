@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 
+from ssl_pipeline.artifacts import atomic_save_npy, atomic_write_text
 from ssl_pipeline.engine import DDPSection, is_relaunched_worker, make_trainer, rank_slice, wants_ddp  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,6 @@ class ShardWriter(BasePredictionWriter):
         self.n_total = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        from ssl_pipeline.artifacts import atomic_save_npy, atomic_write_text
-
         rows, skipped = prediction["rows"], prediction["skipped"]
         first = int(rows[0]) if len(rows) else int(skipped[0][0])
         s = first // self.S
