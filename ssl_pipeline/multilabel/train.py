@@ -137,18 +137,25 @@ class MultiLabelModule(L.LightningModule):
 
 
 def fit(head: AlignmentHead, tokens_lab: Tensor, y_lab: Tensor, ctx_lab: Tensor, tokens_unl: Tensor | None,
-        refresh: Callable[[AlignmentHead], PseudoLabels] | None, settings: dict, seed: int) -> MultiLabelModule:
-    """Train for ``settings['steps']`` steps (seeded); return the module (its ``teacher`` is the EMA head)."""
+        refresh: Callable[[AlignmentHead], PseudoLabels] | None, settings: dict, seed: int,
+        trainer=None) -> MultiLabelModule:
+    """Train for ``settings['steps']`` steps (seeded); return the module (its ``teacher`` is the EMA head).
+
+    ``trainer``: the ``trainer`` config group (default one CPU device), through
+    :func:`ssl_pipeline.engine.make_trainer`; under DDP every rank draws the same step batches, so the
+    averaged gradients are those of one process.
+    """
+    from ssl_pipeline.engine import make_trainer
+
     L.seed_everything(seed, workers=True, verbose=False)
     module = MultiLabelModule(head, tokens_lab, y_lab, ctx_lab, tokens_unl, refresh, settings)
     steps = int(settings["steps"])
     ds = _StepBatches(len(tokens_lab), 0 if tokens_unl is None else len(tokens_unl), steps,
                       int(settings["batch_labeled"]), int(settings["batch_unlabeled"]), seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False)
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        deterministic=False, num_sanity_val_steps=0)
-    trainer.fit(module, loader)
+    tr = make_trainer(trainer, max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, deterministic=False)
+    tr.fit(module, loader)
     module.head.eval()
     module.teacher.eval()
     return module

@@ -139,15 +139,27 @@ class ShardBatches(torch.utils.data.Sampler):
         return sum(math.ceil((min(self.N, (s + 1) * self.S) - s * self.S) / self.B) for s in self.shards)
 
 
+def pooled_embeddings(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The encode stage's outputs of a batch (B, 3, S, S): ``emb`` (B, D) L2-normalised."""
+    return {"emb": torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)}
+
+
 class EncodeModule(L.LightningModule):
-    """predict_step: a batch of images -> L2-normalised float16 embeddings, with their rows and skips."""
+    """predict_step: a batch of images -> ``outputs(model, x)`` as float16 arrays, with their rows and skips.
+
+    ``outputs`` maps (model, images (B, 3, S, S)) to named tensors with B rows (default
+    :func:`pooled_embeddings`; multi-label encoding adds spatial tokens); ``transform`` turns a
+    PIL image into the model's input (default ``backbone.preprocess``).
+    """
 
     def __init__(self, backbone, table, todo: list[int], shard_size: int, batch_size: int, precision: str,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 num_workers: int = 0, pin_memory: bool = False, outputs=None, transform=None):
         super().__init__()
         self.pin = bool(pin_memory)
         self.model = backbone.model
         self.backbone = backbone
+        self.outputs = outputs or pooled_embeddings
+        self.transform = transform or backbone.preprocess
         self.table, self.todo = table, list(todo)
         self.S, self.B, self.precision_name, self.nw = int(shard_size), int(batch_size), precision, int(num_workers)
 
@@ -161,7 +173,7 @@ class EncodeModule(L.LightningModule):
     def predict_dataloader(self):
         from ssl_pipeline.data.images import TableImages, collate_skipping
 
-        ds = TableImages(self.table, np.arange(len(self.table)), self.backbone.preprocess)
+        ds = TableImages(self.table, np.arange(len(self.table)), self.transform)
         return torch.utils.data.DataLoader(ds, batch_sampler=ShardBatches(self.my_shards(), len(self.table), self.S,
                                                                           self.B),
                                            collate_fn=collate_skipping, num_workers=self.nw,
@@ -172,22 +184,24 @@ class EncodeModule(L.LightningModule):
         from ssl_pipeline.stages.encode import autocast_dtype
 
         images, rows, skipped = batch
-        emb = np.zeros((0, self.backbone.embed_dim), np.float16)
+        out = {}
         if images is not None:
             x = images.to(memory_format=torch.channels_last)
             dt = autocast_dtype(self.precision_name, x.device)
             with torch.no_grad(), torch.autocast(x.device.type, dtype=dt, enabled=dt is not None):
-                e = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
-            emb = e.to(torch.float16).cpu().numpy()
-        return {"emb": emb, "rows": rows.cpu().numpy(), "skipped": skipped}
+                out = self.outputs(self.model, x)
+            out = {k: v.float().to(torch.float16).cpu().numpy() for k, v in out.items()}
+        return {"arrays": out, "rows": rows.cpu().numpy(), "skipped": skipped}
 
 
 class ShardWriter(BasePredictionWriter):
-    """Writes each finished encode shard of this rank: ``emb_``, ``skip_``, then ``rows_`` (completion mark)."""
+    """Writes each finished encode shard of this rank: ``<name>_`` per output, ``skip_``, then ``rows_`` (the
+    completion mark). ``empty``: {name: shape of one row}: written (0 rows) for a shard with no readable image;
+    outputs not named there are left out of such a shard."""
 
-    def __init__(self, shard_dir: Path, n_rows: int, shard_size: int, embed_dim: int):
+    def __init__(self, shard_dir: Path, n_rows: int, shard_size: int, empty: dict[str, tuple] | None = None):
         super().__init__(write_interval="batch")
-        self.dir, self.N, self.S, self.D = Path(shard_dir), n_rows, shard_size, embed_dim
+        self.dir, self.N, self.S, self.empty = Path(shard_dir), n_rows, shard_size, dict(empty or {})
         self.acc: dict[int, dict] = {}
         self.n_written = 0
         self.n_images = 0
@@ -197,8 +211,9 @@ class ShardWriter(BasePredictionWriter):
         rows, skipped = prediction["rows"], prediction["skipped"]
         first = int(rows[0]) if len(rows) else int(skipped[0][0])
         s = first // self.S
-        a = self.acc.setdefault(s, {"emb": [], "rows": [], "skipped": [], "seen": 0})
-        a["emb"].append(prediction["emb"])
+        a = self.acc.setdefault(s, {"arrays": {}, "rows": [], "skipped": [], "seen": 0})
+        for k, v in prediction["arrays"].items():
+            a["arrays"].setdefault(k, []).append(v)
         a["rows"].append(rows)
         a["skipped"].extend([[int(r), str(e)] for r, e in skipped])
         a["seen"] += len(rows) + len(skipped)
@@ -207,10 +222,13 @@ class ShardWriter(BasePredictionWriter):
             log.warning("skipping unreadable image %s (%s)", pl_module.table.paths[row] or pl_module.table.ids[row],
                         reason)
         if a["seen"] == min(self.N, (s + 1) * self.S) - s * self.S:
-            emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, self.D), np.float16)
             import json
 
-            atomic_save_npy(self.dir / f"emb_{s:05d}.npy", emb)
+            arrays = {k: np.concatenate(v) for k, v in a["arrays"].items()}
+            for k, shape in self.empty.items():
+                arrays.setdefault(k, np.zeros((0, *shape), np.float16))
+            for k, v in arrays.items():
+                atomic_save_npy(self.dir / f"{k}_{s:05d}.npy", v)
             atomic_write_text(self.dir / f"skip_{s:05d}.json", json.dumps(a["skipped"]))
             atomic_save_npy(self.dir / f"rows_{s:05d}.npy", np.concatenate(a["rows"]).astype(np.int64))
             del self.acc[s]
@@ -236,11 +254,14 @@ def encode_trainer_args(cfg: DictConfig) -> dict:
             "precision": "32-true"}
 
 
-def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], backbone=None) -> tuple[int, float, int]:
+def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], backbone=None, outputs=None,
+                  transform=None, empty: dict[str, tuple] | None = None) -> tuple[int, float, int]:
     """Encode the shards ``todo`` of ``table`` into ``shard_dir`` with ``Trainer.predict``: the one shard loop.
 
     One process (``encode.device``) or, with ``trainer=ddp trainer.devices=N``, N processes that
-    share the shards. The files are the same either way (same batches, same bytes). Returns
+    share the shards. The files are the same either way (same batches, same bytes). ``outputs``,
+    ``transform``: see :class:`EncodeModule` (default: pooled embeddings ``emb_``, always written,
+    with ``empty``); multi-label encoding passes its token extractor. Returns
     (images encoded over all ranks, seconds, world size). Meant to be called inside a
     :class:`DDPSection` (re-launched workers exit when it closes).
     """
@@ -253,11 +274,14 @@ def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], back
         backbone = load_backbone(cfg.backbone, device="cpu")
     # channels-last speeds convolutions on CPU and GPU alike (measured 2-4x for EfficientNet on CPU)
     backbone.model.to(memory_format=torch.channels_last)
-    writer = ShardWriter(shard_dir, len(table), int(ecfg.shard_size), backbone.embed_dim)
+    if outputs is None:
+        empty = {"emb": (backbone.embed_dim,)}
+    writer = ShardWriter(shard_dir, len(table), int(ecfg.shard_size), empty)
     trainer = make_trainer(cfg.get("trainer"), logger=False, callbacks=[writer], inference_mode=True,
                            **encode_trainer_args(cfg))
     module = EncodeModule(backbone, table, todo, int(ecfg.shard_size), int(ecfg.batch_size), str(ecfg.precision),
-                          int(ecfg.num_workers), pin_memory=bool(ecfg.get("pin_memory", False)))
+                          int(ecfg.num_workers), pin_memory=bool(ecfg.get("pin_memory", False)), outputs=outputs,
+                          transform=transform)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*custom batch sampler.*")  # ShardBatches returns every row
