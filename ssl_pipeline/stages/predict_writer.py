@@ -299,9 +299,13 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--conf", default=str(Path(__file__).resolve().parents[2] / "conf"))
+    ap.add_argument("--conf", default=None, help="config folder (default: the package's own, see config_dir)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    if a.conf is None:
+        from ssl_pipeline.__main__ import config_dir
+
+        a.conf = config_dir()
     with initialize_config_dir(config_dir=a.conf, version_base="1.3"):
         cfg = compose(config_name="config", overrides=a.overrides)
     table = build_table(cfg.data)
