@@ -58,10 +58,10 @@ RUNS_IN = {"head": {"ce", "asl", "samtone"}, "finetune": {"ce", "asl"}}
 
 @pytest.mark.parametrize("option", GROUPS["loss"])
 def test_every_loss_runs_in_the_head_or_is_refused_at_once(tmp_path, embeddings_file, option):
-    ov = ["data=embeddings", f"data.path={embeddings_file}", f"loss={option}", *HEAD]
-    if option in RUNS_IN["head"]:
+    ov = ["data=embeddings", f"data.path={embeddings_file}", f"loss={option}", *HEAD, "retrain.steps=400"]
+    if option in RUNS_IN["head"]:  # it really trains: well above chance (0.25) on the 4 blobs
         m = _run(tmp_path, *ov)
-        assert m["retrain/test_accuracy"] >= 0.5 and m["retrain/world_size"] == 1
+        assert m["retrain/test_accuracy"] >= 0.8 and m["retrain/world_size"] == 1
     else:
         msg = _refused(tmp_path, "loss", *ov)
         assert f"loss={option}" in msg and "retrain=head accepts loss=ce, asl, samtone" in msg

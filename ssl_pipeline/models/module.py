@@ -9,6 +9,16 @@ from torch import nn
 from ssl_pipeline.models.heads import make_head
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float = 0.1):
+    """OneCycle schedule over ``steps`` (10% warm-up); at least two warm-up steps, so that short runs (a few
+    steps, e.g. in tests) do not divide by a zero-length phase; under 4 steps a constant rate."""
+    steps = int(steps)
+    if steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                               pct_start=min(0.5, max(pct_start, 2.0 / steps)))
+
+
 def loss_kind(loss) -> str:
     """How a ``loss=`` module is used by the retrain heads: ``ce`` (logits, labels, weights), ``asl`` (logits vs
     one-hot or soft targets, per-sample weights) or ``contrastive`` (SamToNe: images vs the class table)."""
@@ -123,8 +133,7 @@ class HeadModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps,
-                                                    pct_start=0.1)
+        sched = one_cycle(opt, self.hparams.lr, self.hparams.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -131,8 +131,9 @@ class MultiLabelModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=float(self.s["lr"]), weight_decay=float(self.s["weight_decay"]))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(self.s["lr"]), total_steps=int(self.s["steps"]),
-                                                    pct_start=0.1)
+        from ssl_pipeline.models.module import one_cycle
+
+        sched = one_cycle(opt, float(self.s["lr"]), int(self.s["steps"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
