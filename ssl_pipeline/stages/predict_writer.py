@@ -121,7 +121,8 @@ def predict_arrays(net: torch.nn.Module, dataset, fn, out_dir: Path, tcfg=None, 
 
 
 class ShardBatches(torch.utils.data.Sampler):
-    """Batches (positions into the table) of the shards of one rank; no batch crosses a shard."""
+    """Batches (positions into the table) of the shards of one rank; no batch crosses a shard. A rank
+    without shards gets one empty batch (Lightning needs a non-empty loader on every rank)."""
 
     def __init__(self, shards: list[int], n_rows: int, shard_size: int, batch_size: int):
         self.shards, self.N, self.S, self.B = shards, n_rows, shard_size, batch_size
@@ -133,9 +134,13 @@ class ShardBatches(torch.utils.data.Sampler):
                 yield list(range(b, min(hi, b + self.B)))
 
     def __iter__(self):
+        if not self.shards:  # a rank with no shard to do (fewer shards than ranks): one empty batch, no work
+            return iter([[]])
         return self._batches()
 
     def __len__(self):
+        if not self.shards:
+            return 1
         return sum(math.ceil((min(self.N, (s + 1) * self.S) - s * self.S) / self.B) for s in self.shards)
 
 
@@ -209,6 +214,8 @@ class ShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         rows, skipped = prediction["rows"], prediction["skipped"]
+        if not len(rows) and not skipped:  # the empty batch of a rank without shards
+            return
         first = int(rows[0]) if len(rows) else int(skipped[0][0])
         s = first // self.S
         a = self.acc.setdefault(s, {"arrays": {}, "rows": [], "skipped": [], "seen": 0})
