@@ -16,12 +16,17 @@ from ssl_pipeline.errors import PipelineError
 
 
 def config_dir() -> str:
-    """The root config folder: ``conf/`` beside the package (source checkout / editable install)."""
-    for candidate in (Path(__file__).resolve().parent.parent / "conf", Path(__file__).resolve().parent / "conf"):
+    """The root config folder: ``ssl_pipeline/conf`` inside an installed wheel, else ``conf/`` of the checkout.
+
+    The configs' source is ``conf/`` at the repository root; the wheel build copies it into the package
+    (``setup.py``), so a non-editable install runs from any folder.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "config.yaml").exists():
             return str(candidate)
-    raise SystemExit("ssl_pipeline: cannot find conf/config.yaml; install the package from its source checkout "
-                     "(pip install -e .)")
+    raise SystemExit("ssl_pipeline: cannot find its configs (conf/config.yaml) inside the package or beside it; "
+                     "reinstall it (pip install .)")
 
 
 def _log_file() -> Path | None:

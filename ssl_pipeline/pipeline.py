@@ -85,6 +85,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     table = build_table(cfg.data)
+    from ssl_pipeline.engine import check_trainer
+    from ssl_pipeline.retrain.options import check_loss
+
+    check_loss(cfg, table.multilabel)  # before any work: options that cannot run here stop at once
+    check_trainer(cfg.get("trainer"))
     ctx = Context(cfg, table, ArtifactCache(cfg.paths.cache_dir), run_dir)
     if table.multilabel:
         ctx.metrics["data/n_missing"] = int(table.meta.get("n_missing", 0))

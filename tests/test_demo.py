@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_report import NOTEBOOK
 
+pytestmark = pytest.mark.slow  # several processes / the 5,000-image demo: run with -m slow
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

@@ -149,6 +149,7 @@ def test_latest_run_picks_the_newest_finished_run(tmp_path):
     assert report.latest_run([tmp_path / "nothing"]) is None
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_on_the_tiny_run(tiny_run, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     nbformat = pytest.importorskip("nbformat")

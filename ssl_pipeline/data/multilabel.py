@@ -150,6 +150,22 @@ def read_manifest(path: Path) -> tuple[list[str], list[str], NDArray[np.int8], l
     return files, labels, np.asarray(Y, np.int8), (split if split_col is not None else None), lines
 
 
+def confine_to_root(root: Path, files: list[str], lines: list[int], manifest: Path) -> None:
+    """Refuse a manifest row whose file lies outside ``root``: an absolute path, ``..`` leading out, or a symlink
+    resolving outside. ``root`` is already resolved; raises DataError naming the manifest line and the file."""
+    for name, line in zip(files, lines):
+        p = Path(name)
+        if p.is_absolute() or p.drive:
+            why = "is an absolute path"
+        else:
+            target = (root / p).resolve()
+            if target == root or root in target.parents:
+                continue
+            why = "leads outside data.root" + (" through a symlink" if ".." not in p.parts else "")
+        raise DataError(f"{manifest}, line {line}: image {name!r} {why} ({str(root)!r}); manifest paths must be "
+                        "relative to data.root and stay inside it")
+
+
 def multilabel_csv_table(cfg: DictConfig) -> SampleTable:
     """Images under ``data.root`` with 0/1 labels from the CSV ``data.manifest`` (see the module docstring).
 
@@ -168,6 +184,7 @@ def multilabel_csv_table(cfg: DictConfig) -> SampleTable:
         raise ConfigError("data.manifest", f"file {str(manifest)!r} does not exist")
     labeled_fraction = _fraction(cfg, "labeled_fraction", 0.1)
     files, labels, Y, split, lines = read_manifest(manifest)
+    confine_to_root(root, files, lines, manifest)
     exists = np.array([(root / f).is_file() for f in files])
     missing = [f for f, e in zip(files, exists) if not e]
     if missing:

@@ -9,6 +9,49 @@ from torch import nn
 from ssl_pipeline.models.heads import make_head
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float = 0.1):
+    """OneCycle schedule over ``steps`` (10% warm-up); at least two warm-up steps, so that short runs (a few
+    steps, e.g. in tests) do not divide by a zero-length phase; under 4 steps a constant rate."""
+    steps = int(steps)
+    if steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                               pct_start=min(0.5, max(pct_start, 2.0 / steps)))
+
+
+def loss_kind(loss) -> str:
+    """How a ``loss=`` module is used by the retrain heads: ``ce`` (logits, labels, weights), ``asl`` (logits vs
+    one-hot or soft targets, per-sample weights) or ``contrastive`` (SamToNe: images vs the class table)."""
+    from ssl_pipeline.models.losses import AsymmetricLoss, SamToNeLoss
+
+    if isinstance(loss, AsymmetricLoss):
+        return "asl"
+    if isinstance(loss, SamToNeLoss):
+        return "contrastive"
+    return "ce"
+
+
+def supervised_loss(loss_fn, kind: str, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The ``w``-weighted loss of ``logits`` (B, C) against labels ``y`` (B,) or soft targets ``y`` (B, C)."""
+    if kind == "asl":
+        t = y.float() if y.ndim == 2 else nn.functional.one_hot(y, logits.shape[1]).float()
+        return loss_fn(logits.float(), t, weight=w)
+    if y.ndim == 2:
+        ce = -(y * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+        return (ce * w).sum() / w.sum().clamp_min(1e-12)
+    return loss_fn(logits, y, w)
+
+
+def ddp_weighted(module: L.LightningModule, loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rescale a rank's weighted-mean ``loss`` so that DDP's gradient average is the global batch's weighted mean."""
+    world = module.trainer.world_size if module._trainer is not None else 1
+    if world > 1:
+        local = w.sum().detach()
+        total = module.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        loss = loss * (world * local / total.clamp_min(1e-12))
+    return loss
+
+
 def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy (B, C) x (B,) with per-sample weights (B,), normalised by the weight sum."""
     loss = nn.functional.cross_entropy(logits, target, reduction="none")
@@ -48,19 +91,37 @@ class HeadModule(L.LightningModule):
                              else torch.as_tensor(feature_std, dtype=torch.float32))
         self.head = make_head(head, in_dim, n_classes, hidden, dropout)
         self.loss_fn = loss or weighted_ce
+        self.kind = loss_kind(self.loss_fn)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) -> (B, F) L2-normalised inputs of the head's last layer (the contrastive image tower)."""
+        return nn.functional.normalize(self.head[:-1]((x - self.feature_mean) / self.feature_std), dim=-1)
+
+    def class_table(self) -> torch.Tensor:
+        """(C, F) L2-normalised class embeddings: the rows of the head's last layer."""
+        return nn.functional.normalize(self.head[-1].weight, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_dim) embeddings -> (B, n_classes) logits."""
+        """(B, in_dim) embeddings -> (B, n_classes) logits (contrastive: cosine to the class table / tau)."""
+        if self.kind == "contrastive":
+            return self.features(x) @ self.class_table().T * self.loss_fn.scale.to(x.device)
         return self.head((x - self.feature_mean) / self.feature_std)
 
     def training_step(self, batch, batch_idx):
+        """``batch``: (x (B, D), y (B,), w (B,)[, q (B, C)][, w_total ()]); ``w_total``, the weight sum of the
+        global batch under DDP, turns this rank's weighted mean into its share of the global one."""
         x, y, w = batch[:3]
-        logits = self(x)
-        if len(batch) > 3:  # soft targets (B, C): weighted cross-entropy against a distribution
-            ce = -(batch[3] * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-            loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+        q = batch[3] if len(batch) > 3 and batch[3].ndim == 2 else None
+        w_total = batch[-1] if batch[-1].ndim == 0 else None
+        if self.kind == "contrastive":  # images vs their class rows; same-class pairs are not negatives
+            if q is not None:  # soft targets: each pair weighted by the target's mass on its label
+                w = w * q.gather(1, y[:, None]).squeeze(1)
+            loss = self.loss_fn(self.features(x), self.class_table()[y], pos_mask=y[:, None] == y[None, :], weight=w)
         else:
-            loss = self.loss_fn(logits, y, w)
+            loss = supervised_loss(self.loss_fn, self.kind, self(x), q if q is not None else y, w)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and w_total is not None:  # DDP averages the ranks' gradients
+            loss = loss * (world * w.sum().detach() / w_total.clamp_min(1e-12))
         self.log("train/loss", loss.detach(), prog_bar=False, on_step=True, on_epoch=False)
         self.log("pseudo/weight_mean", w.mean(), on_step=True, on_epoch=False)
         return loss
@@ -72,8 +133,7 @@ class HeadModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=self.hparams.max_steps,
-                                                    pct_start=0.1)
+        sched = one_cycle(opt, self.hparams.lr, self.hparams.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -111,7 +171,7 @@ class FinetuneModule(L.LightningModule):
 
     # -- data ------------------------------------------------------------------------------
     def train_dataloader(self):
-        from ssl_pipeline.models.finetune import StepBatchSampler, StepLoader, collate_train
+        from ssl_pipeline.models.views import StepBatchSampler, StepLoader, collate_train
 
         world, rank = self.trainer.world_size, self.trainer.global_rank
         bs = int(self.opt["batch_size"])
@@ -136,22 +196,13 @@ class FinetuneModule(L.LightningModule):
         return self.net(x, cached=self.cached)
 
     def on_train_batch_start(self, batch, batch_idx):
-        from ssl_pipeline.models.finetune import mix_seed
+        from ssl_pipeline.models.views import mix_seed
 
         torch.manual_seed(mix_seed(self.seed, 5, self.global_step, self.global_rank))
 
     def _sup_loss(self, logits, y, w):
-        if y.ndim == 2:
-            ce = -(y * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-            loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
-        else:
-            loss = self.loss_fn(logits, y, w)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:  # weighted mean over the global batch (DDP averages the ranks' gradients)
-            local = w.sum().detach()
-            total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
-            loss = loss * (world * local / total.clamp_min(1e-12))
-        return loss
+        # weighted mean over the global batch (DDP averages the ranks' gradients)
+        return ddp_weighted(self, supervised_loss(self.loss_fn, loss_kind(self.loss_fn), logits, y, w), w)
 
     def training_step(self, batch, batch_idx):
         x, y, w, code = batch[:4]

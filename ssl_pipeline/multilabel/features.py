@@ -25,24 +25,18 @@ Artifact folder (the encode stage on multi-label data; see :mod:`ssl_pipeline.st
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_pipeline.artifacts import ArtifactCache, atomic_save_npy, atomic_write_text, write_json
-from ssl_pipeline.data.images import TableImages, collate_skipping
+from ssl_pipeline.artifacts import ArtifactCache, write_json
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.stage_io import TokenFeatures, load_features  # noqa: F401 - re-exported
 from ssl_pipeline.stages.encode import (
-    autocast_dtype,
     data_fingerprint,
-    pick_device,
     write_skipped,
     write_text_embeddings,
 )
@@ -120,9 +114,7 @@ def encode_tokens_into(cfg: DictConfig, table: SampleTable, partial: Path) -> di
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(N / S)
     todo = [s for s in range(n_shards) if not (shard_dir / f"rows_{s:05d}.npy").exists()]
-    device = pick_device(ecfg.device)
-    ac_dtype = autocast_dtype(ecfg.precision, device)
-    backbone = load_backbone(cfg.backbone, device=device)
+    backbone = load_backbone(cfg.backbone, device="cpu")  # Lightning moves it to the encode device
     size = token_size(cfg)
     trunk = getattr(backbone.model.visual, "trunk", None)
     if size is None or trunk is None or not hasattr(trunk, "forward_features"):
@@ -132,45 +124,28 @@ def encode_tokens_into(cfg: DictConfig, table: SampleTable, partial: Path) -> di
                      backbone.image_size, size)
         size = backbone.image_size
     tf = squash_transform(backbone, size)
-    backbone.model.to(memory_format=torch.channels_last)
-    grid, t0, n_new = None, time.perf_counter(), 0
     if len(todo) < n_shards:
         log.info("multilabel encode: resuming, %d of %d shards already done", n_shards - len(todo), n_shards)
-    for s in todo:
-        rows = np.arange(s * S, min(N, (s + 1) * S))
-        loader = torch.utils.data.DataLoader(
-            TableImages(table, rows, tf), batch_size=int(ecfg.batch_size), shuffle=False,
-            num_workers=int(ecfg.num_workers), collate_fn=collate_skipping)
-        toks, pools, done, skipped = [], [], [], []
-        for images, r, skip in loader:
-            skipped.extend(skip)
-            for row, reason in skip:
-                log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
-            if images is None:
-                continue
-            x = images.to(device).to(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
-                tok, pool, grid = extract(backbone.model, x)
-            toks.append(tok.cpu().numpy().astype(np.float16))
-            pools.append(pool.cpu().numpy().astype(np.float16))
-            done.append(r.numpy())
-            n_new += len(r)
-        if toks:
-            atomic_save_npy(shard_dir / f"tok_{s:05d}.npy", np.concatenate(toks))
-            atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", np.concatenate(pools))
-        atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
-        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy", np.concatenate(done) if done else np.zeros(0, np.int64))
-        log.info("multilabel encode: shard %d/%d done", s + 1, n_shards)
-    seconds = time.perf_counter() - t0
-    if grid is None:  # everything came from earlier shards (resume): read the grid from a probe
-        probe = torch.zeros(1, 3, size, size, device=device)
-        _, _, grid = extract(backbone.model, probe)
+
+    def tokens_and_pooled(model, x):
+        tok, pool, _ = extract(model, x)
+        return {"tok": tok, "emb": pool}
+
+    from ssl_pipeline.engine import DDPSection
+    from ssl_pipeline.stages.predict_writer import encode_shards
+
+    with DDPSection():  # the encode stage's shard loop (one process or DDP); DDP workers exit at its end
+        n_new, seconds, world = encode_shards(table, cfg, shard_dir, todo, backbone, outputs=tokens_and_pooled,
+                                              transform=tf) if todo else (0, 0.0, 1)
+    device = next(backbone.model.parameters()).device
+    with torch.no_grad():  # the token grid, from a probe image
+        _, _, grid = extract(backbone.model, torch.zeros(1, 3, size, size, device=device))
     skipped = write_skipped(table, shard_dir, n_shards, partial / "skipped.csv")
     write_text_embeddings(backbone, table.classes, ecfg.text_templates, partial / "text_embeddings.npy")
     write_json(partial / "meta.json", {"backbone": backbone.name, "image_size": size, "grid": list(grid),
                                        "device": str(device)})
     metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/image_size": size,
-               "encode/n_tokens": int(grid[0] * grid[1])}
+               "encode/n_tokens": int(grid[0] * grid[1]), "encode/world_size": int(world)}
     if n_new and seconds > 0:
         metrics["encode/images_per_s"] = round(n_new / seconds, 2)
         log.info("multilabel encode: %d images in %.1fs (%.1f images/s)", n_new, seconds, n_new / seconds)

@@ -131,24 +131,32 @@ class MultiLabelModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.head.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=float(self.s["lr"]), weight_decay=float(self.s["weight_decay"]))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(self.s["lr"]), total_steps=int(self.s["steps"]),
-                                                    pct_start=0.1)
+        from ssl_pipeline.models.module import one_cycle
+
+        sched = one_cycle(opt, float(self.s["lr"]), int(self.s["steps"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def fit(head: AlignmentHead, tokens_lab: Tensor, y_lab: Tensor, ctx_lab: Tensor, tokens_unl: Tensor | None,
-        refresh: Callable[[AlignmentHead], PseudoLabels] | None, settings: dict, seed: int) -> MultiLabelModule:
-    """Train for ``settings['steps']`` steps (seeded); return the module (its ``teacher`` is the EMA head)."""
+        refresh: Callable[[AlignmentHead], PseudoLabels] | None, settings: dict, seed: int,
+        trainer=None) -> MultiLabelModule:
+    """Train for ``settings['steps']`` steps (seeded); return the module (its ``teacher`` is the EMA head).
+
+    ``trainer``: the ``trainer`` config group (default one CPU device), through
+    :func:`ssl_pipeline.engine.make_trainer`; under DDP every rank draws the same step batches, so the
+    averaged gradients are those of one process.
+    """
+    from ssl_pipeline.engine import make_trainer
+
     L.seed_everything(seed, workers=True, verbose=False)
     module = MultiLabelModule(head, tokens_lab, y_lab, ctx_lab, tokens_unl, refresh, settings)
     steps = int(settings["steps"])
     ds = _StepBatches(len(tokens_lab), 0 if tokens_unl is None else len(tokens_unl), steps,
                       int(settings["batch_labeled"]), int(settings["batch_unlabeled"]), seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False)
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        deterministic=False, num_sanity_val_steps=0)
-    trainer.fit(module, loader)
+    tr = make_trainer(trainer, max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, deterministic=False)
+    tr.fit(module, loader)
     module.head.eval()
     module.teacher.eval()
     return module

@@ -22,14 +22,11 @@ import json
 import logging
 import math
 import os
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from ssl_pipeline.artifacts import (
     ArtifactCache,
@@ -89,17 +86,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("encode.device=cuda but no CUDA device is available")
     return torch.device(name)
-
-
-def _pin_memory(ecfg: DictConfig, device: torch.device) -> bool:
-    """``encode.pin_memory`` (true / false) on CUDA; never on CPU.
-
-    Off by default: image encoding is bound by JPEG decoding in the workers, and page-locking each
-    batch in the main process cost throughput (H100, ViT-B-32 224 px, 12 workers, batch 256: 2,813
-    images/s unpinned vs 2,163 pinned; see benchmarks/encode_speed.py). Turn it on when batches come
-    from memory rather than from disk.
-    """
-    return device.type == "cuda" and bool(ecfg.get("pin_memory", False))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -162,12 +148,16 @@ def write_text_embeddings(backbone, classes: list[str], templates, path: Path) -
     atomic_save_npy(path, torch.nn.functional.normalize(T, dim=-1).cpu().numpy().astype(np.float16))
 
 
-def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
-    """Encode every row of ``table`` into shards under ``partial`` (resuming finished shards)."""
-    import torch
+def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict | None:
+    """Encode every row of ``table`` into shards under ``partial`` (resuming finished shards).
 
+    The one shard loop (:func:`~ssl_pipeline.stages.predict_writer.encode_shards`, Lightning
+    ``Trainer.predict``) runs on one device or, with ``trainer=ddp trainer.devices=N``, on N
+    processes; returns the metrics on rank 0 (re-launched DDP workers exit after the loop).
+    """
     from ssl_pipeline.backbones import load_backbone
-    from ssl_pipeline.data.images import TableImages, collate_skipping
+    from ssl_pipeline.engine import DDPSection
+    from ssl_pipeline.stages.predict_writer import encode_shards
 
     ecfg = cfg.encode
     N, S = len(table), int(ecfg.shard_size)
@@ -175,72 +165,21 @@ def _encode_images(table: SampleTable, cfg: DictConfig, partial: Path) -> dict:
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(N / S)
     todo = [s for s in range(n_shards) if not (shard_dir / f"rows_{s:05d}.npy").exists()]
-    device = pick_device(ecfg.device)
-    ac_dtype = autocast_dtype(ecfg.precision, device)
-    backbone = load_backbone(cfg.backbone, device=device)
-    # channels-last speeds convolutions on CPU and GPU alike (measured 2-4x for EfficientNet on CPU)
-    backbone.model.to(memory_format=torch.channels_last)
-    done_rows = N - sum(min(S, N - s * S) for s in todo)
-    if done_rows:
+    if n_shards - len(todo):
         log.info("encode: resuming, %d of %d shards already done", n_shards - len(todo), n_shards)
-    t0, n_new = time.perf_counter(), 0
-    bar = tqdm(total=N, initial=done_rows, desc="encode", unit="img", mininterval=2.0, dynamic_ncols=True)
-    # One DataLoader over every shard still to do (its workers start once and prefetch across shard
-    # boundaries); batches never straddle two shards, and a shard is written as soon as its last batch is in.
-    bs = int(ecfg.batch_size)
-    plan = [(s, np.arange(start, min(N, (s + 1) * S, start + bs)))
-            for s in todo for start in range(s * S, min(N, (s + 1) * S), bs)]
-    nw = int(ecfg.num_workers)
-    loader = torch.utils.data.DataLoader(
-        TableImages(table, np.arange(N), backbone.preprocess), batch_sampler=[b.tolist() for _, b in plan],
-        num_workers=nw, collate_fn=collate_skipping, pin_memory=_pin_memory(ecfg, device),
-        prefetch_factor=4 if nw > 0 else None)
-    # Finished shards are written (fsync + rename) by one background thread while encoding goes on;
-    # each shard's files are written in order, rows_ last, so a kill loses at most unwritten shards.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-    pending: list[Future] = []
-
-    def write_shard(s: int, emb: np.ndarray, skipped: list, rows: np.ndarray) -> None:
-        atomic_save_npy(shard_dir / f"emb_{s:05d}.npy", emb)
-        atomic_write_text(shard_dir / f"skip_{s:05d}.json", json.dumps(skipped))
-        # rows_ is written last: its presence marks the shard complete
-        atomic_save_npy(shard_dir / f"rows_{s:05d}.npy", rows)
-
-    try:
-        embs, done, skipped = [], [], []
-        for i, (images, r, skip) in enumerate(loader):
-            s = plan[i][0]
-            skipped.extend(skip)
-            for row, reason in skip:
-                log.warning("skipping unreadable image %s (%s)", table.paths[row] or table.ids[row], reason)
-            if images is not None:
-                x = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None):
-                    e = backbone.encode_images(x)
-                embs.append(e.to(torch.float16))  # stays on the device until the shard is written: no sync per batch
-                done.append(r.numpy())
-            bar.update(len(r) + len(skip))
-            n_new += len(r)
-            if i + 1 == len(plan) or plan[i + 1][0] != s:  # the shard's last batch: write it
-                emb = torch.cat(embs).cpu().numpy() if embs else np.zeros((0, backbone.embed_dim), np.float16)
-                rows = np.concatenate(done) if done else np.zeros(0, np.int64)
-                pending = [f for f in pending if not f.done() or f.result()]  # re-raises a failed write
-                pending.append(writer.submit(write_shard, s, emb, skipped, rows))
-                embs, done, skipped = [], [], []
-        for f in pending:
-            f.result()
-    finally:
-        writer.shutdown(wait=True)  # an interrupted encode still keeps the shards it finished
-    bar.close()
-    seconds = time.perf_counter() - t0
+    backbone = load_backbone(cfg.backbone, device="cpu")  # Lightning moves it to the trainer's device
+    with DDPSection():  # DDP workers exit at its end: rank 0 alone gathers the shards and writes the rest
+        n_new, seconds, world = encode_shards(table, cfg, shard_dir, todo, backbone) if todo else (0, 0.0, 1)
+    device = next(backbone.model.parameters()).device
     ips = n_new / seconds if n_new and seconds > 0 else 0.0
     if n_new:
-        log.info("encode: %d images in %.1fs, %.1f images/s on %s", n_new, seconds, ips, device)
+        log.info("encode: %d images in %.1fs, %.1f images/s on %s x %d", n_new, seconds, ips, device, world)
     skipped = write_skipped(table, shard_dir, n_shards, partial / "skipped.csv")
     write_text_embeddings(backbone, table.classes, ecfg.text_templates, partial / "text_embeddings.npy")
     write_json(partial / "meta.json", {"source": "images", "backbone": backbone.name, "dim": backbone.embed_dim,
                                        "image_size": backbone.image_size, "device": str(device)})
-    metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/dim": backbone.embed_dim}
+    metrics = {"encode/n_images": N, "encode/n_skipped": len(skipped), "encode/dim": backbone.embed_dim,
+               "encode/world_size": int(world)}
     if n_new:
         metrics["encode/images_per_s"] = round(ips, 2)
     return metrics

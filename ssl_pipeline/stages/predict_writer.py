@@ -2,7 +2,7 @@
 
 Two uses:
 
-* :func:`encode_shards` - the encode stage's work with ``trainer.devices > 1``: encode shards
+* :func:`encode_shards` - the encode stage's one shard loop (one process or DDP): encode shards
   (``shard_size`` table rows each) are dealt to the ranks; every rank writes the shards it
   encodes, in the encode artifact's own layout (``emb_/rows_/skip_NNNNN``, ``rows_`` last), so
   the result is byte-identical to a one-process encode and an interrupted run resumes from
@@ -11,12 +11,7 @@ Two uses:
   tower, test predictions): each rank writes ``part_<rank>.pt`` with the outputs of its
   contiguous slice of the items; after a barrier every rank reads all parts, merged by index.
 
-Processes: with ``strategy=ddp`` Lightning starts the other ranks by running the same command
-again (``python -m ssl_pipeline ...``); they redo the cheap, cached stages and meet rank 0 at the
-first ``Trainer``. A DDP *section* (an encode, or the whole retrain stage) ends with
-:func:`end_ddp_section`: the re-launched ranks exit there (rank 0 alone writes artifacts and
-metrics) and rank 0 closes the process group, so a later section starts fresh workers. DDP on
-CPU uses gloo.
+Processes and DDP sections: see :mod:`ssl_pipeline.engine`.
 
 ``python -m ssl_pipeline.stages.predict_writer OVERRIDES --out DIR`` encodes the rows of a
 config's data into ``DIR/shards`` (used by the DDP test; also handy on its own).
@@ -27,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,78 +32,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 
+from ssl_pipeline.artifacts import atomic_save_npy, atomic_write_text
+from ssl_pipeline.engine import DDPSection, is_relaunched_worker, make_trainer, rank_slice, wants_ddp  # noqa: F401
+
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# trainers and DDP sections
-# ---------------------------------------------------------------------------------------------
-
-
-def make_trainer(tcfg: DictConfig | dict | None, **kw) -> L.Trainer:
-    """A Trainer from the ``trainer`` config group (accelerator, devices, strategy, precision, deterministic).
-
-    ``use_distributed_sampler`` is off: the samplers here shard by rank themselves.
-    """
-    t = dict(tcfg or {})
-    devices = t.get("devices", 1)
-    strategy = t.get("strategy", "auto")
-    accelerator = t.get("accelerator", "cpu")
-    args = dict(accelerator=accelerator, devices=devices, strategy=strategy,
-                precision=t.get("precision", "32-true"), deterministic=bool(t.get("deterministic", True)),
-                use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False)
-    args.update(kw)
-    return L.Trainer(**args)
-
-
-def is_relaunched_worker() -> bool:
-    """True in a rank > 0 process that Lightning's script launcher started (not torchrun/SLURM)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 and "TORCHELASTIC_RUN_ID" not in os.environ \
-        and "SLURM_PROCID" not in os.environ
-
-
-class DDPSection:
-    """``with DDPSection(): ...`` around work that may create DDP trainers.
-
-    On exit, a worker that Lightning re-launched for this section exits the process
-    (``sys.exit(0)``); rank 0, if it launched them, closes the process group and forgets the
-    launch environment so that the next section launches its own workers.
-    """
-
-    _ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-    def __enter__(self):
-        self.launcher_here = "LOCAL_RANK" not in os.environ
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            return False
-        if is_relaunched_worker():
-            log.info("DDP worker (rank %s): section done, exiting", os.environ.get("LOCAL_RANK"))
-            sys.exit(0)
-        if self.launcher_here and "LOCAL_RANK" in os.environ:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-            for k in self._ENV:
-                os.environ.pop(k, None)
-        return False
-
-
-def wants_ddp(cfg: DictConfig) -> bool:
-    """Whether ``cfg.trainer`` asks for more than one process (``devices`` other than 1, or a ddp strategy)."""
-    t = cfg.get("trainer")
-    if t is None:
-        return False
-    devices = t.get("devices", 1)
-    many = not (isinstance(devices, int) and devices == 1) and str(devices) not in ("1", "[0]")
-    return many or "ddp" in str(t.get("strategy", "auto"))
-
-
-def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous slice [start, stop) of n items for ``rank`` of ``world``."""
-    per = math.ceil(n / world) if world else n
-    return min(n, rank * per), min(n, (rank + 1) * per)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +121,8 @@ def predict_arrays(net: torch.nn.Module, dataset, fn, out_dir: Path, tcfg=None, 
 
 
 class ShardBatches(torch.utils.data.Sampler):
-    """Batches (positions into the table) of the shards of one rank; no batch crosses a shard."""
+    """Batches (positions into the table) of the shards of one rank; no batch crosses a shard. A rank
+    without shards gets one empty batch (Lightning needs a non-empty loader on every rank)."""
 
     def __init__(self, shards: list[int], n_rows: int, shard_size: int, batch_size: int):
         self.shards, self.N, self.S, self.B = shards, n_rows, shard_size, batch_size
@@ -207,20 +134,37 @@ class ShardBatches(torch.utils.data.Sampler):
                 yield list(range(b, min(hi, b + self.B)))
 
     def __iter__(self):
+        if not self.shards:  # a rank with no shard to do (fewer shards than ranks): one empty batch, no work
+            return iter([[]])
         return self._batches()
 
     def __len__(self):
+        if not self.shards:
+            return 1
         return sum(math.ceil((min(self.N, (s + 1) * self.S) - s * self.S) / self.B) for s in self.shards)
 
 
+def pooled_embeddings(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The encode stage's outputs of a batch (B, 3, S, S): ``emb`` (B, D) L2-normalised."""
+    return {"emb": torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)}
+
+
 class EncodeModule(L.LightningModule):
-    """predict_step: a batch of images -> L2-normalised float16 embeddings, with their rows and skips."""
+    """predict_step: a batch of images -> ``outputs(model, x)`` as float16 arrays, with their rows and skips.
+
+    ``outputs`` maps (model, images (B, 3, S, S)) to named tensors with B rows (default
+    :func:`pooled_embeddings`; multi-label encoding adds spatial tokens); ``transform`` turns a
+    PIL image into the model's input (default ``backbone.preprocess``).
+    """
 
     def __init__(self, backbone, table, todo: list[int], shard_size: int, batch_size: int, precision: str,
-                 num_workers: int = 0):
+                 num_workers: int = 0, pin_memory: bool = False, outputs=None, transform=None):
         super().__init__()
+        self.pin = bool(pin_memory)
         self.model = backbone.model
         self.backbone = backbone
+        self.outputs = outputs or pooled_embeddings
+        self.transform = transform or backbone.preprocess
         self.table, self.todo = table, list(todo)
         self.S, self.B, self.precision_name, self.nw = int(shard_size), int(batch_size), precision, int(num_workers)
 
@@ -234,45 +178,49 @@ class EncodeModule(L.LightningModule):
     def predict_dataloader(self):
         from ssl_pipeline.data.images import TableImages, collate_skipping
 
-        ds = TableImages(self.table, np.arange(len(self.table)), self.backbone.preprocess)
+        ds = TableImages(self.table, np.arange(len(self.table)), self.transform)
         return torch.utils.data.DataLoader(ds, batch_sampler=ShardBatches(self.my_shards(), len(self.table), self.S,
                                                                           self.B),
                                            collate_fn=collate_skipping, num_workers=self.nw,
+                                           pin_memory=self.pin and self.device.type == "cuda",
                                            prefetch_factor=4 if self.nw > 0 else None)
 
     def predict_step(self, batch, batch_idx):
         from ssl_pipeline.stages.encode import autocast_dtype
 
         images, rows, skipped = batch
-        emb = np.zeros((0, self.backbone.embed_dim), np.float16)
+        out = {}
         if images is not None:
             x = images.to(memory_format=torch.channels_last)
             dt = autocast_dtype(self.precision_name, x.device)
             with torch.no_grad(), torch.autocast(x.device.type, dtype=dt, enabled=dt is not None):
-                e = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
-            emb = e.float().cpu().numpy().astype(np.float16)
-        return {"emb": emb, "rows": rows.cpu().numpy(), "skipped": skipped}
+                out = self.outputs(self.model, x)
+            out = {k: v.float().to(torch.float16).cpu().numpy() for k, v in out.items()}
+        return {"arrays": out, "rows": rows.cpu().numpy(), "skipped": skipped}
 
 
 class ShardWriter(BasePredictionWriter):
-    """Writes each finished encode shard of this rank: ``emb_``, ``skip_``, then ``rows_`` (completion mark)."""
+    """Writes each finished encode shard of this rank: ``<name>_`` per output, ``skip_``, then ``rows_`` (the
+    completion mark). ``empty``: {name: shape of one row}: written (0 rows) for a shard with no readable image;
+    outputs not named there are left out of such a shard."""
 
-    def __init__(self, shard_dir: Path, n_rows: int, shard_size: int, embed_dim: int):
+    def __init__(self, shard_dir: Path, n_rows: int, shard_size: int, empty: dict[str, tuple] | None = None):
         super().__init__(write_interval="batch")
-        self.dir, self.N, self.S, self.D = Path(shard_dir), n_rows, shard_size, embed_dim
+        self.dir, self.N, self.S, self.empty = Path(shard_dir), n_rows, shard_size, dict(empty or {})
         self.acc: dict[int, dict] = {}
         self.n_written = 0
         self.n_images = 0
         self.n_total = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        from ssl_pipeline.artifacts import atomic_save_npy, atomic_write_text
-
         rows, skipped = prediction["rows"], prediction["skipped"]
+        if not len(rows) and not skipped:  # the empty batch of a rank without shards
+            return
         first = int(rows[0]) if len(rows) else int(skipped[0][0])
         s = first // self.S
-        a = self.acc.setdefault(s, {"emb": [], "rows": [], "skipped": [], "seen": 0})
-        a["emb"].append(prediction["emb"])
+        a = self.acc.setdefault(s, {"arrays": {}, "rows": [], "skipped": [], "seen": 0})
+        for k, v in prediction["arrays"].items():
+            a["arrays"].setdefault(k, []).append(v)
         a["rows"].append(rows)
         a["skipped"].extend([[int(r), str(e)] for r, e in skipped])
         a["seen"] += len(rows) + len(skipped)
@@ -281,10 +229,13 @@ class ShardWriter(BasePredictionWriter):
             log.warning("skipping unreadable image %s (%s)", pl_module.table.paths[row] or pl_module.table.ids[row],
                         reason)
         if a["seen"] == min(self.N, (s + 1) * self.S) - s * self.S:
-            emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, self.D), np.float16)
             import json
 
-            atomic_save_npy(self.dir / f"emb_{s:05d}.npy", emb)
+            arrays = {k: np.concatenate(v) for k, v in a["arrays"].items()}
+            for k, shape in self.empty.items():
+                arrays.setdefault(k, np.zeros((0, *shape), np.float16))
+            for k, v in arrays.items():
+                atomic_save_npy(self.dir / f"{k}_{s:05d}.npy", v)
             atomic_write_text(self.dir / f"skip_{s:05d}.json", json.dumps(a["skipped"]))
             atomic_save_npy(self.dir / f"rows_{s:05d}.npy", np.concatenate(a["rows"]).astype(np.int64))
             del self.acc[s]
@@ -296,12 +247,30 @@ class ShardWriter(BasePredictionWriter):
         trainer.strategy.barrier("shards written")
 
 
-def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], backbone=None) -> tuple[int, float]:
-    """Encode the shards ``todo`` of ``table`` into ``shard_dir`` with ``Trainer.predict`` on ``cfg.trainer``.
+def encode_trainer_args(cfg: DictConfig) -> dict:
+    """Trainer arguments of the encode stage: ``cfg.trainer`` when it asks for several processes, else one
+    device chosen by ``encode.device`` (auto: CUDA when present). Precision is ``encode.precision``'s
+    autocast inside the step, so the Trainer itself runs 32-true."""
+    from ssl_pipeline.stages.encode import pick_device
 
-    The files are those of the one-process encode loop (same batches, same bytes). Returns
-    (images encoded by this process, seconds). Meant to be called inside a :class:`DDPSection`
-    (re-launched workers exit when it closes). The count is over all ranks.
+    tcfg = cfg.get("trainer")
+    if wants_ddp(tcfg):
+        return {"precision": "32-true"}
+    dev = pick_device(str(cfg.encode.get("device", "auto")))
+    return {"accelerator": "gpu" if dev.type == "cuda" else "cpu", "devices": 1, "strategy": "auto",
+            "precision": "32-true"}
+
+
+def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], backbone=None, outputs=None,
+                  transform=None, empty: dict[str, tuple] | None = None) -> tuple[int, float, int]:
+    """Encode the shards ``todo`` of ``table`` into ``shard_dir`` with ``Trainer.predict``: the one shard loop.
+
+    One process (``encode.device``) or, with ``trainer=ddp trainer.devices=N``, N processes that
+    share the shards. The files are the same either way (same batches, same bytes). ``outputs``,
+    ``transform``: see :class:`EncodeModule` (default: pooled embeddings ``emb_``, always written,
+    with ``empty``); multi-label encoding passes its token extractor. Returns
+    (images encoded over all ranks, seconds, world size). Meant to be called inside a
+    :class:`DDPSection` (re-launched workers exit when it closes).
     """
     from ssl_pipeline.backbones import load_backbone
 
@@ -310,16 +279,21 @@ def encode_shards(table, cfg: DictConfig, shard_dir: Path, todo: list[int], back
     shard_dir.mkdir(parents=True, exist_ok=True)
     if backbone is None:
         backbone = load_backbone(cfg.backbone, device="cpu")
+    # channels-last speeds convolutions on CPU and GPU alike (measured 2-4x for EfficientNet on CPU)
     backbone.model.to(memory_format=torch.channels_last)
-    writer = ShardWriter(shard_dir, len(table), int(ecfg.shard_size), backbone.embed_dim)
-    trainer = make_trainer(cfg.get("trainer"), logger=False, callbacks=[writer])
+    if outputs is None:
+        empty = {"emb": (backbone.embed_dim,)}
+    writer = ShardWriter(shard_dir, len(table), int(ecfg.shard_size), empty)
+    trainer = make_trainer(cfg.get("trainer"), logger=False, callbacks=[writer], inference_mode=True,
+                           **encode_trainer_args(cfg))
     module = EncodeModule(backbone, table, todo, int(ecfg.shard_size), int(ecfg.batch_size), str(ecfg.precision),
-                          int(ecfg.num_workers))
+                          int(ecfg.num_workers), pin_memory=bool(ecfg.get("pin_memory", False)), outputs=outputs,
+                          transform=transform)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*custom batch sampler.*")  # ShardBatches returns every row
         trainer.predict(module, return_predictions=False)
-    return writer.n_total, time.perf_counter() - t0
+    return writer.n_total, time.perf_counter() - t0, int(trainer.world_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,9 +306,13 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--conf", default=str(Path(__file__).resolve().parents[2] / "conf"))
+    ap.add_argument("--conf", default=None, help="config folder (default: the package's own, see config_dir)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    if a.conf is None:
+        from ssl_pipeline.__main__ import config_dir
+
+        a.conf = config_dir()
     with initialize_config_dir(config_dir=a.conf, version_base="1.3"):
         cfg = compose(config_name="config", overrides=a.overrides)
     table = build_table(cfg.data)
@@ -342,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     shard_dir = Path(a.out) / "shards"
     todo = [s for s in range(math.ceil(len(table) / S)) if not (shard_dir / f"rows_{s:05d}.npy").exists()]
     with DDPSection():
-        n, sec = encode_shards(table, cfg, shard_dir, todo)
+        n, sec, _ = encode_shards(table, cfg, shard_dir, todo)
     print(f"encoded {n} images into {shard_dir} in {sec:.1f}s", flush=True)
 
 

@@ -7,10 +7,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from ssl_pipeline import pipeline
 from ssl_pipeline.stages import predict_writer
 from tests.conftest import ROOT, make_config, tiny_overrides
+
+pytestmark = pytest.mark.slow  # several processes / the 5,000-image demo: run with -m slow
 
 
 def shard_files(d):

@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ssl_pipeline import pipeline
 from tests.conftest import ROOT, make_config, tiny_overrides
+
+pytestmark = pytest.mark.slow  # several processes / the 5,000-image demo: run with -m slow
 
 FT = ["retrain=finetune", "retrain.steps=8", "retrain.batch_size=16", "retrain.checkpoint_every=4",
       "retrain.eval_batch_size=64"]

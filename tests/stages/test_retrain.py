@@ -87,6 +87,7 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, image_root
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_after_a_sigkill_through_the_cli(tmp_path, image_root):
     """``kill -9`` of the CLI mid-epoch in round1 (after the step-3 checkpoint), then ``retrain.resume=true``:
     the same final metrics and weights as an uninterrupted run."""

@@ -1,0 +1,67 @@
+"""Which ``loss=`` option fits which retrain mode and kind of data, checked before any work is done.
+
+=========  ============================  ==============================================================
+option     runs in                       how
+=========  ============================  ==============================================================
+ce         head, finetune                confidence-weighted cross-entropy (soft targets: CE against them)
+asl        head, finetune                asymmetric loss on one-hot (or soft) targets, weighted per sample
+samtone    head                          images vs a learnable class table, same-tower negatives
+                                         (image-image, label-label); predicts by cosine to the table
+simcse_pp  (refused)                     an unlabeled two-view (dropout) embedding objective: no
+                                         retrain mode here trains an encoder without a classifier
+psl        (refused)                     a multi-label retrieval loss over label embeddings
+unidec     (refused)                     a multi-label dual-encoder + classifier loss
+=========  ============================  ==============================================================
+
+Multi-label data trains the multi-label recipe, whose ASL is set by ``multilabel.asl``; there
+``loss=`` keeps its default. Refusals are one line naming ``loss`` and the accepted options.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ssl_pipeline.errors import ConfigError
+
+# _target_ class name -> (option name, retrain modes it runs in on single-label data)
+FITS = {
+    "ConfidenceWeightedCE": ("ce", ("head", "finetune")),
+    "AsymmetricLoss": ("asl", ("head", "finetune")),
+    "SamToNeLoss": ("samtone", ("head",)),
+    "SimCSEPPLoss": ("simcse_pp", ()),
+    "PSLLoss": ("psl", ()),
+    "UniDECLoss": ("unidec", ()),
+}
+WHY = {
+    "SimCSEPPLoss": "an unlabeled two-view (dropout) embedding objective; the retrain modes train classifiers",
+    "PSLLoss": "a multi-label retrieval loss over label embeddings (pick-some-labels); no retrain mode here has a "
+               "label tower",
+    "UniDECLoss": "a multi-label dual-encoder + classifier loss; no retrain mode here has a label tower",
+    "SamToNeLoss": "a contrastive image-vs-class-table objective, wired for the head on embeddings",
+}
+
+
+def accepted(mode: str) -> list[str]:
+    """Option names that run in retrain ``mode`` on single-label data."""
+    return [name for name, modes in FITS.values() if mode in modes]
+
+
+def check_loss(cfg: DictConfig, multilabel: bool) -> None:
+    """Raise :class:`ConfigError` (key ``loss``) when ``cfg.loss`` cannot run with ``cfg.retrain.mode`` / the data."""
+    target = str((cfg.get("loss") or {}).get("_target_", ""))
+    cls = target.rsplit(".", 1)[-1]
+    if cls not in FITS:  # a user's own loss: called as loss(logits, labels, weights)
+        return
+    name, modes = FITS[cls]
+    if multilabel:
+        if name != "ce":
+            raise ConfigError("loss", f"loss={name} does not apply to multi-label data: the multi-label recipe trains "
+                                      "with its own ASL (set multilabel.asl.gamma_neg / gamma_pos / clip); keep the "
+                                      "default loss=ce there")
+        return
+    mode = str(cfg.retrain.get("mode", "head"))
+    if mode not in modes:
+        why = f" ({WHY[cls]})" if cls in WHY else ""
+        raise ConfigError("loss", f"loss={name} does not run in retrain={mode}{why}; retrain={mode} accepts "
+                                  f"loss={', '.join(accepted(mode))}" +
+                          (f"; loss={name} runs in retrain={', '.join(modes)}" if modes else ""))
