@@ -88,7 +88,8 @@ class ExportedModel(nn.Module):
             return x.float()
         if self.visual is None:
             raise DataError("this model was exported from precomputed embeddings: give it (B, D) embeddings")
-        f = nn.functional.normalize(self.visual(x).float(), dim=-1)
+        # channels-last, as the encode stage runs the tower (2-4x faster convolutions on CPU)
+        f = nn.functional.normalize(self.visual(x.to(memory_format=torch.channels_last)).float(), dim=-1)
         return f.to(self.embedding_dtype).float()  # the precision the head was trained on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +251,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
         finally:
             for lg, lv in zip(quiet, levels):
                 lg.setLevel(lv)
-        visual = backbone.model.visual
+        visual = backbone.model.visual.to(memory_format=torch.channels_last)
         if has_tower:
             try:
                 visual.load_state_dict(_tensors(path, TOWER_FILE, digests))
