@@ -96,3 +96,17 @@ def test_cli_bad_model_exits_2_with_one_line(trained, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 2
     assert "predict.model" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_give_the_same_predictions(trained, tmp_path):
+    tmp, root, _ = trained
+    pipeline.run(make_config("stage=predict", f"predict.model={tmp / 'run' / 'model'}",
+                             f"predict.images={root / 'test'}"), tmp_path / "one")
+    p = subprocess.run([sys.executable, "-m", "ssl_pipeline", "stage=predict", f"predict.model={tmp / 'run' / 'model'}",
+                        f"predict.images={root / 'test'}", "trainer=ddp", "trainer.accelerator=cpu",
+                        "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one = sorted((tmp_path / "one" / "predictions.csv").read_text().splitlines())
+    assert sorted((tmp_path / "ddp" / "predictions.csv").read_text().splitlines()) == one
