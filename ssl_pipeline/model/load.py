@@ -83,9 +83,12 @@ class ExportedModel(nn.Module):
         self.register_buffer("thresholds", torch.tensor(th, dtype=torch.float32) if th is not None else None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, D) L2-normalised features; (B, D) inputs pass through."""
+        """(B, 3, S, S) preprocessed images -> (B, D) L2-normalised features; (B, D) embeddings pass through.
+
+        Features are rounded to the precision of the embeddings the head was trained on (float16: the cache's).
+        """
         if x.ndim == 2:
-            return x.float()
+            return x.to(self.embedding_dtype).float()  # the precision the head was trained on
         if self.visual is None:
             raise DataError("this model was exported from precomputed embeddings: give it (B, D) embeddings")
         # channels-last, as the encode stage runs the tower (2-4x faster convolutions on CPU)

@@ -170,3 +170,21 @@ def test_multilabel_model_decides_at_its_thresholds(tmp_path):
                                                                                    "bad": None}
     with pytest.raises(DataError, match="embeddings"):
         model.predict_proba(torch.zeros(1, 3, 8, 8))
+
+
+def test_embeddings_run_exports_a_head_over_embeddings(tmp_path, embeddings_file):
+    from ssl_pipeline.errors import ConfigError
+
+    cfg = make_config("data=embeddings", f"data.path={embeddings_file}", "pseudolabel=knn", "retrain.steps=30",
+                      cache_dir=tmp_path / "cache")
+    m = pipeline.run(cfg, tmp_path / "run")
+    model = ssl_pipeline.load_model(tmp_path / "run" / "model")
+    assert model.config["input"] == "embeddings" and model.visual is None and model.transform is None
+    a = np.load(embeddings_file)
+    test = a["split"] == "test"
+    X = a["X"][test] / np.linalg.norm(a["X"][test], axis=1, keepdims=True)
+    P = model.predict_proba(torch.from_numpy(X.astype(np.float32)))
+    assert float((P.argmax(1).numpy() == a["y_true"][test]).mean()) == pytest.approx(m["retrain/test_accuracy"])
+    with pytest.raises(ConfigError, match="predict.model: .*embeddings"):
+        pipeline.run(make_config("stage=predict", f"predict.model={tmp_path / 'run' / 'model'}",
+                                 f"predict.images={tmp_path}"), tmp_path / "pred")
