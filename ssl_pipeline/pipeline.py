@@ -79,6 +79,10 @@ def objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the pipeline described by ``cfg``; write outputs to ``run_dir``; return the metrics."""
+    if cfg.get("stage") == "predict":  # hook (model export): apply an exported model; no data/encode stages
+        from ssl_pipeline.stages import predict
+
+        return predict.run(cfg, run_dir)
     todo = validate(cfg)
     quiet_lightning()
     run_dir = Path(run_dir)

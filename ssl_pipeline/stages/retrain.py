@@ -73,7 +73,9 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, pl_dir: Path
     final = cache.path("retrain", key)
     if cache.is_complete("retrain", key) and not force:
         log.info("retrain: reusing %s", final)
-        return final, json.loads((final / "stage_metrics.json").read_text()), key
+        metrics = json.loads((final / "stage_metrics.json").read_text())
+        _export_model(cfg, table, final, run_dir, metrics)
+        return final, metrics, key
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     with DDPSection():  # DDP workers re-launched for this stage exit at its end; rank 0 writes the artifact
@@ -97,4 +99,12 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, pl_dir: Path
         for name, arrs in arrays.items():
             np.savez(tmp / name, **arrs)
         write_json(tmp / "stage_metrics.json", metrics)
+    _export_model(cfg, table, final, run_dir, metrics)
     return final, metrics, key
+
+
+def _export_model(cfg, table, stage_dir: Path, run_dir: Path, metrics: dict) -> None:
+    """Hook (model export): ``<run_dir>/model/`` from the retrain artifact, see :mod:`ssl_pipeline.model.export`."""
+    from ssl_pipeline.model.export import export_retrain
+
+    export_retrain(cfg, table, stage_dir, Path(run_dir), metrics)
