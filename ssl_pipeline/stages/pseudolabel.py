@@ -10,6 +10,7 @@ Artifact folder (arrays aligned with the cluster stage's ``rows.npy``)::
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_pipeline.artifacts import ArtifactCache, array_hash, atomic_save_npy, write_json
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.errors import ConfigError
+from ssl_pipeline.labeling.calibration import expected_calibration_error
 from ssl_pipeline.stages.cluster import load_graph, load_rows
 from ssl_pipeline.stages.encode import EmbeddingStore
 
@@ -43,6 +45,7 @@ def score(labels: np.ndarray, confidence: np.ndarray, y_true: np.ndarray, unlabe
         order = np.argsort(-confidence[known], kind="stable")
         top = order[: max(1, len(order) // 2)]
         m["pseudolabel/accuracy_top50"] = float(correct[top].mean())
+        m["pseudolabel/ece"] = expected_calibration_error(confidence[known], correct)
         m["pseudolabel/n_scored"] = int(known.sum())
     if unlabeled.any():
         m["pseudolabel/mean_confidence"] = float(confidence[unlabeled].mean())
@@ -62,7 +65,14 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir:
     if labeled.all():
         raise ConfigError("data", "every training sample is labeled: nothing to pseudo-label")
     pcfg = OmegaConf.to_container(cfg.pseudolabel, resolve=True)
-    key = cache.key("pseudolabel", {"cfg": pcfg, "labels": array_hash(y)}, upstream)
+    # class-name text embeddings (C, D): the encode stage's (text tower) or the embeddings file's ``text``
+    text = store.text_embeddings()
+    if text is None:
+        text = table.meta.get("text")
+    key_parts = {"cfg": pcfg, "labels": array_hash(y)}
+    if text is not None:
+        key_parts["text"] = array_hash(np.asarray(text, np.float32))
+    key = cache.key("pseudolabel", key_parts, upstream)
     final = cache.path("pseudolabel", key)
     if cache.is_complete("pseudolabel", key) and not force:
         log.info("pseudolabel: reusing %s", final)
@@ -75,7 +85,10 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir:
     graph = load_graph(cluster_dir)
     log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
     t0 = time.perf_counter()
-    labeler.fit(X, y, neighbors=graph)
+    if text is not None and "text" in inspect.signature(labeler.fit).parameters:
+        labeler.fit(X, y, neighbors=graph, text=text)
+    else:
+        labeler.fit(X, y, neighbors=graph)
     seconds = time.perf_counter() - t0
     n = len(rows)
     labels = np.asarray(labeler.labels_, np.int64)
@@ -92,6 +105,7 @@ def run(cfg: DictConfig, table: SampleTable, store: EmbeddingStore, cluster_dir:
     metrics["pseudolabel/n_labeled"] = int(labeled.sum())
     metrics["pseudolabel/n_noise"] = int(noise[~labeled].sum())
     metrics["pseudolabel/seconds"] = round(seconds, 2)
+    metrics["pseudolabel/text"] = int(text is not None)
     for attr, name in (("k_", "k"), ("n_clusters_", "n_clusters"), ("delta_k_", "delta_k"), ("n_tiers_", "n_tiers")):
         if hasattr(labeler, attr):
             metrics[f"pseudolabel/{name}"] = float(getattr(labeler, attr))
