@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     if not folder.is_dir():
         print(f"skipped: no embeddings folder {folder} (pass --data DIR holding clip_vitb32/)")
         return 0
-    jobs = [] if args.no_image else [("image", f) for f in sorted(folder.glob("*.npz"))]
-    jobs += [] if args.no_text else [("text", f) for f in sorted((folder / "text").glob("*.npz"))]
-    if args.sets:
-        jobs = [(k, f) for k, f in jobs if f.stem in set(args.sets)]
+    jobs = [] if args.no_text else [("text", f) for f in sorted((folder / "text").glob("*.npz"))]
+    jobs += [] if args.no_image else [("image", f) for f in sorted(folder.glob("*.npz"))]
+    if args.sets:  # in the order given
+        jobs = sorted([(k, f) for k, f in jobs if f.stem in args.sets], key=lambda j: args.sets.index(j[1].stem))
     hdl_params = parse_params(args.hdl)
     grid = tuple(hdl_params.get("k_grid", HDL().k_grid)) if args.k_ablation else ()
     chosen = set(args.peers) if args.peers is not None else None
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             delta = 100 * (mean["hdl"] - mean[best]) if best else float("nan")
             cells.append({"kind": kind, "set": f.stem, "n": n, "seeds": args.seeds, "peers": list(peers),
                           "compared": compared, "mean": mean, "runs": runs, "best_peer": best, "delta_pts": delta})
+            _write(args.out, {"protocol": "BENCHMARKS.md sections 1 and 1b", "hdl_params": hdl_params,
+                              "cells": cells, "partial": True})
             print(f"[{kind}] {f.stem} n={n}: hdl {mean['hdl']:.3f} vs {best} {mean.get(best, float('nan')):.3f} "
                   f"({delta:+.1f} pts; hdl {mean['hdl_seconds']:.2f}s k={mean['hdl_k']:.1f})",
                   file=sys.stderr, flush=True)
