@@ -43,7 +43,10 @@ Rules (every constant is generic; nothing is chosen per data set)
    their k-means cluster (rule 6). (b) *Linear*: multinomial logistic
    regression (L2, ``C``; L-BFGS, warm-started) on the pool, each pseudo label
    weighted by its confidence, at most ``max_fit_per_class`` rows per class.
-   Tier posterior = product of experts ``P ~ Pprop ** prop_weight * Plin``.
+   (c) *Text* (``fit(..., text=T)``, T (C, D) class-name embeddings in class order):
+   the zero-shot posterior ``softmax(beta X T^T)``, ``beta`` fit on the labeled rows
+   (:mod:`ssl_pipeline.labeling.text`). Tier posterior = product of experts
+   ``P ~ Pprop ** prop_weight * Plin * Ptext ** text_weight``.
 4. **Hierarchical, class-balanced tiers.** After tier ``t`` (of ``n_tiers``) the
    pool is rebuilt from the given labels plus, for every class, the top
    ``t / n_tiers`` fraction of the unlabeled rows now predicted as that class,
@@ -210,6 +213,7 @@ class HDL(_Choices, BaseLabeler):
     tier_loo_accuracy_ : list of float, each tier's leave-one-out accuracy on the labeled rows
         (empty when no class has two labels)
     noise_ : (N,) bool
+    text_beta_ : float or None, the text expert's inverse temperature (None without text)
     agreement_ : (N,) float32
     k_ : int, delta_k_ : float, k_scores_ : dict {k: delta_k}
     n_clusters_ : int
@@ -250,7 +254,8 @@ class HDL(_Choices, BaseLabeler):
 
     # ------------------------------------------------------------ fit
     def fit(self, X: NDArray, y: NDArray, neighbors: KNNGraph | None = None, text: NDArray | None = None) -> HDL:
-        """Label every row of ``X`` (N, D) from the labeled rows of ``y`` (N,), -1 = unlabeled."""
+        """Label every row of ``X`` (N, D) from the labeled rows of ``y`` (N,), -1 = unlabeled; ``text`` (C', D):
+        optional class-name embeddings of the same model, row ``c`` for label value ``c``."""
         from threadpoolctl import threadpool_limits
 
         if self.blas_threads is None:
@@ -346,7 +351,7 @@ class HDL(_Choices, BaseLabeler):
                 fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
                 theta = _fit_softmax(Xl.take(pool_rows[fit_rows]), pool_pos[fit_rows], pool_w[fit_rows], n_classes,
                                      self.C, theta, self.lr_max_iter)
-            # product of experts, in place: P ~ Pprop ** prop_weight * Plin ** lin_weight
+            # product of experts, in place: P ~ Pprop ** prop_weight * Plin ** lin_weight * Ptext ** text_weight
             P = P_prop
             P += 1e-12
             np.log(P, out=P)

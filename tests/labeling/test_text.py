@@ -112,3 +112,24 @@ def test_real_clip_text_beats_zero_shot_at_one_label_per_class():
     acc = (hdl.labels_[u] == y[u]).mean()
     assert acc > zero_shot + 0.005, (acc, zero_shot)
     assert expected_calibration_error(hdl.confidence_[u], hdl.labels_[u] == y[u]) < 0.08
+
+
+def test_pipeline_pseudolabel_stage_feeds_the_files_text_to_hdl(tmp_path):
+    """data=embeddings with a ``text`` array: the pseudolabel stage passes it to HDL and reports ece."""
+    from ssl_pipeline import pipeline
+    from tests.conftest import make_config
+
+    X, y, text = _text_blobs()
+    ym = mask_labels(y, 1)
+    f = tmp_path / "emb.npz"
+    np.savez(f, X=X, y=ym, y_true=y, text=text)
+    out = {}
+    for name, path in (("text", f), ("plain", tmp_path / "plain.npz")):
+        if name == "plain":
+            np.savez(path, X=X, y=ym, y_true=y)
+        cfg = make_config("data=embeddings", f"data.path={path}", "pseudolabel=hdl", "stage=pseudolabel",
+                          cache_dir=tmp_path / "cache")
+        out[name] = pipeline.run(cfg, tmp_path / name)
+    assert out["text"]["pseudolabel/text"] == 1 and out["plain"]["pseudolabel/text"] == 0
+    assert 0.0 <= out["text"]["pseudolabel/ece"] <= 1.0
+    assert out["text"]["pseudolabel/accuracy"] > out["plain"]["pseudolabel/accuracy"]
