@@ -74,7 +74,8 @@ Rules (every constant is generic; nothing is chosen per data set)
    of classes (at least 5 rows per cluster) by normalised mutual information
    with the tier-1 labels. It labels the rows the graph cannot reach and, if
    ``cluster_weight > 0``, also orders admission (off by default: it did not
-   help on real CLIP sets).
+   help on real CLIP sets). It is computed only when needed (some row is
+   unreached, or ``cluster_weight > 0``); ``n_clusters_`` is 0 otherwise.
 7. **Noise.** ``agreement_`` = similarity-weighted share of a row's ``k_``
    neighbours carrying its final label; ``noise_`` flags rows (given ones
    included) whose neighbourhood majority is another class and whose
@@ -226,7 +227,7 @@ class HDL(_Choices, BaseLabeler):
                  k_default: int = 5, alpha: float = 0.99, gamma: float = 3.0, prop_weight: float = 0.5,
                  lin_weight: float = 1.0,
                  C: float = 10.0, n_prior_iter: int = 3, n_clusters: int | None = None, max_loo: int = 128,
-                 max_fit_per_class: int = 1000, lr_max_iter: int = 60, cg_iter: int = 20,
+                 max_fit_per_class: int = 1000, lr_max_iter: int = 30, cg_iter: int = 20,
                  cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
                  admission: str = "class", text_weight: float = 1.0, random_state: int = 0):
         self.n_tiers = n_tiers
@@ -342,6 +343,8 @@ class HDL(_Choices, BaseLabeler):
             prev = None
             P_prop, self.class_prior_ = _balanced_posterior(Z, self.n_prior_iter)
             unreached = Z.max(axis=1) <= 0
+            if assign is None and unreached.any() and t > 1:  # the previous tier's labels (computed on demand)
+                self.n_clusters_, assign = self._cluster_opinion(X, pred, n_classes)
             if assign is not None and unreached.any():
                 # rows no labeled row reaches through the graph take their k-means cluster's opinion
                 P_prop[unreached] = _cluster_mean(P_prop, assign, self.n_clusters_, ~unreached)[unreached]
@@ -371,7 +374,7 @@ class HDL(_Choices, BaseLabeler):
             pred = np.argmax(P, axis=1)
             pred[lab_rows] = lab_pos
             conf = P[np.arange(n), pred]
-            if t == 1:
+            if t == 1 and (self.cluster_weight > 0 or unreached.any()):
                 self.n_clusters_, assign = self._cluster_opinion(X, pred, n_classes)
             score = conf
             if assign is not None and self.cluster_weight > 0:
