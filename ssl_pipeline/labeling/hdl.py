@@ -46,7 +46,8 @@ Rules (every constant is generic; nothing is chosen per data set)
    (c) *Text* (``fit(..., text=T)``, T (C, D) class-name embeddings in class order):
    the zero-shot posterior ``softmax(beta X T^T)``, ``beta`` fit on the labeled rows
    (:mod:`ssl_pipeline.labeling.text`). Tier posterior = product of experts
-   ``P ~ Pprop ** prop_weight * Plin * Ptext ** text_weight``.
+   ``P ~ Pprop ** prop_weight * Plin * Ptext ** text_weight`` (text_weight: by default
+   ``prop_weight + lin_weight_``, the image side's total, so both modalities weigh the same).
 4. **Hierarchical, class-balanced tiers.** After tier ``t`` (of ``n_tiers``) the
    pool is rebuilt from the given labels plus, for every class, the top
    ``t / n_tiers`` fraction of the unlabeled rows now predicted as that class,
@@ -197,8 +198,10 @@ class HDL(_Choices, BaseLabeler):
         measured on ``benchmarks/scale.py`` data it fixes labeled modes that later tiers lose, and on the real
         CLIP embeddings of the acceptance check it is on a par overall but 2.8 points lower on CIFAR-10 at
         4 labels per class, hence not the default.
-    text_weight : float
-        Exponent of the text expert (``fit(..., text=T)``) in the product of experts.
+    text_weight : float or None
+        Exponent of the text expert (``fit(..., text=T)``) in the product of experts; None: the sum of the
+        image experts' exponents (``prop_weight`` + the chosen linear weight), so the two modalities weigh
+        the same (the image experts are not independent of each other: both read the same images).
     random_state : int
         Seed of k-means and of the subsampling.
 
@@ -229,7 +232,7 @@ class HDL(_Choices, BaseLabeler):
                  C: float = 10.0, n_prior_iter: int = 3, n_clusters: int | None = None, max_loo: int = 128,
                  max_fit_per_class: int = 1000, lr_max_iter: int = 30, cg_iter: int = 20,
                  cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
-                 admission: str = "class", text_weight: float = 1.0, random_state: int = 0):
+                 admission: str = "class", text_weight: float | None = None, random_state: int = 0):
         self.n_tiers = n_tiers
         self.k = k
         self.k_grid = k_grid
@@ -294,6 +297,10 @@ class HDL(_Choices, BaseLabeler):
             S = _Graph.from_graph(g, self.k_, self.gamma, order)
         # text expert: the zero-shot posterior of the class-name embeddings, temperature fit on the labeled rows
         P_text, self.text_beta_ = None, None
+        # the text counts as much as the image evidence together (propagation and linear expert see the same
+        # images, so their exponents add up), unless text_weight is given
+        self.text_weight_ = (float(self.text_weight) if self.text_weight is not None
+                             else float(self.prop_weight + self.lin_weight_))
         if text is not None:
             P_text, self.text_beta_ = text_posterior(X, check_text(text, X.shape[1], classes), lab_rows, lab_pos,
                                                      seed=self.random_state)
@@ -367,7 +374,7 @@ class HDL(_Choices, BaseLabeler):
                 P += P_lin
                 del P_lin
             if P_text is not None:
-                P += self.text_weight * P_text
+                P += self.text_weight_ * P_text
             P -= P.max(axis=1, keepdims=True)
             np.exp(P, out=P)
             P /= P.sum(axis=1, keepdims=True)
