@@ -365,7 +365,8 @@ class HDL(_Choices, BaseLabeler):
             P = P_prop
             P += 1e-12
             np.log(P, out=P)
-            P *= self.prop_weight
+            # exponents are relative weights: alone (no linear weight, no text) the propagation expert is the posterior
+            P *= self.prop_weight if (self.lin_weight_ > 0 or P_text is not None) else 1.0
             if self.lin_weight_ > 0:
                 P_lin = _softmax_proba(theta, Xl, n_classes)
                 P_lin += 1e-12
