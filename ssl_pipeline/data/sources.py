@@ -121,7 +121,8 @@ def load_embeddings_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Required: ``X`` (N, D) float, ``y`` (N,) int with -1 = unlabeled. Optional:
     ``y_true`` (N,) int, ``classes`` (C,) str, ``split`` (N,) str in {train, test},
-    ``ids`` (N,) str. Raises DataError naming the file and the bad array.
+    ``ids`` (N,) str, ``text`` (C, D) float class-name embeddings of the same model, one row per
+    class in class order. Raises DataError naming the file and the bad array.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -169,6 +170,17 @@ def load_embeddings_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         for k in ("y", "y_true"):
             if k in arrays and arrays[k].max() >= C:
                 raise DataError(f"{p}: {k} holds label {int(arrays[k].max())} but classes has only {C} names")
+    if "text" in arrays:
+        T = arrays["text"]
+        n_cls = int(max(y.max(), arrays["y_true"].max() if "y_true" in arrays else -1)) + 1
+        if T.ndim != 2 or T.shape[1] != X.shape[1] or not np.issubdtype(T.dtype, np.number):
+            raise DataError(f"{p}: text must be a numeric C x {X.shape[1]} array (one row per class), got "
+                            f"shape {T.shape}")
+        if len(T) < n_cls or ("classes" in arrays and len(T) != len(arrays["classes"])):
+            raise DataError(f"{p}: text has {len(T)} rows but the data has "
+                            f"{len(arrays['classes']) if 'classes' in arrays else n_cls} classes")
+        if not np.isfinite(T).all() or not T.any(axis=1).all():
+            raise DataError(f"{p}: text holds NaN, inf or all-zero rows")
     if "split" in arrays:
         bad = set(np.unique(arrays["split"]).tolist()) - {"train", "test"}
         if bad:
@@ -194,8 +206,11 @@ def embeddings_table(cfg: DictConfig) -> SampleTable:
     split = a["split"].astype(str) if "split" in a else np.full(n, "train")
     ids = [str(i) for i in a["ids"]] if "ids" in a else [f"row{i:07d}" for i in range(n)]
     labeled = (y >= 0) & (split == "train")
+    meta = {"path": str(Path(cfg.path).expanduser().resolve())}
+    if "text" in a:  # class-name embeddings (C, D), class order: the labeler's zero-shot prior
+        meta["text"] = a["text"].astype(np.float32)
     return SampleTable(ids=ids, paths=[None] * n, split=split, y_true=y_true, labeled=labeled, classes=classes,
-                       meta={"path": str(Path(cfg.path).expanduser().resolve())})
+                       meta=meta)
 
 
 def draw_labeled(table: SampleTable, cfg: DictConfig, available: np.ndarray | None = None) -> SampleTable:

@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
 from ssl_pipeline.labeling.knn import KNNGraph, nearest
+from ssl_pipeline.labeling.propagation import _neighbour_graph
 
 
 def _softmax(S: NDArray, T: float) -> NDArray:
@@ -102,5 +103,67 @@ class LabelSpreadingLabeler(BaseLabeler):
         self.labels_ = np.where(y >= 0, y, ls.transduction_).astype(np.int64)
         self.confidence_ = np.where(y >= 0, 1.0, dist.max(axis=1)).astype(np.float32)
         self.k_ = self.n_neighbors
+        self._set_prototypes(X)
+        return self
+
+
+class NaiveTieredVote(BaseLabeler):
+    """The literal tier rule: label first the unlabeled rows with the most labeled neighbours.
+
+    In each tier the unlabeled rows whose ``k``-neighbourhood holds the most
+    labeled (or already pseudo-labeled) rows take the similarity-weighted vote of
+    those rows, then join the labeled pool. Rows that no tier reaches take the
+    label of their nearest labeled row. A baseline: early mistakes become anchors.
+
+    Parameters
+    ----------
+    k : int
+        Neighbourhood size.
+    """
+
+    def __init__(self, k: int = 10):
+        self.k = k
+
+    def fit(self, X: NDArray, y: NDArray, neighbors: KNNGraph | None = None) -> NaiveTieredVote:
+        X, y, classes = check_labels(X, y)
+        self.classes_ = classes
+        n, n_classes = len(X), len(classes)
+        g = _neighbour_graph(X, int(min(self.k, n - 1)), neighbors)
+        idx, valid = g.idx, g.idx >= 0
+        w = np.where(valid, np.maximum(np.nan_to_num(g.sim, neginf=0.0), 0.0), 0.0) + 1e-6
+        pos = np.full(n, -1, np.int64)
+        pos[y >= 0] = np.searchsorted(classes, y[y >= 0])
+        conf = np.where(y >= 0, 1.0, 0.0)
+        tier = np.zeros(n, np.int64)
+        safe = np.where(valid, idx, 0)
+        r = np.repeat(np.arange(n), idx.shape[1])
+        t = 0
+        while (pos < 0).any():
+            nb = np.where(valid, pos[safe], -1)
+            cnt = (nb >= 0).sum(axis=1)
+            cnt[pos >= 0] = -1
+            m = cnt.max()
+            if m <= 0:
+                break
+            t += 1
+            sel = np.flatnonzero(cnt == m)
+            votes = np.zeros((n, n_classes))
+            ok = (nb >= 0).ravel()
+            np.add.at(votes, (r[ok], nb.ravel()[ok]), w.ravel()[ok])
+            v = votes[sel]
+            pos[sel] = np.argmax(v, axis=1)
+            conf[sel] = v.max(axis=1) / np.maximum(v.sum(axis=1), 1e-12)
+            tier[sel] = t
+        rest = np.flatnonzero(pos < 0)
+        if len(rest):
+            lab = np.flatnonzero(y >= 0)
+            _, nn = nearest(X[lab], X[rest], 1)
+            pos[rest] = np.searchsorted(classes, y[lab[nn[:, 0]]])
+            conf[rest] = 0.0
+            tier[rest] = t + 1
+        self.labels_ = np.where(y >= 0, y, classes[pos]).astype(np.int64)
+        self.confidence_ = conf.astype(np.float32)
+        self.tier_ = tier
+        self.k_ = self.k
         self._set_prototypes(X)
         return self

@@ -14,6 +14,7 @@ Artifact folder (arrays aligned with the cluster stage's ``rows.npy``)::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from ssl_pipeline import validation
 from ssl_pipeline.artifacts import array_hash, write_json
 from ssl_pipeline.audit import pseudolabel_columns, write_pseudolabels
 from ssl_pipeline.errors import ConfigError
+from ssl_pipeline.labeling.calibration import expected_calibration_error
 from ssl_pipeline.stage_io import load_graph, load_rows, write_arrays
 from ssl_pipeline.stages.base import CachedStage, Context, StageResult
 
@@ -47,15 +49,26 @@ def score(labels: np.ndarray, confidence: np.ndarray, y_true: np.ndarray, unlabe
         order = np.argsort(-confidence[known], kind="stable")
         top = order[: max(1, len(order) // 2)]
         m["pseudolabel/accuracy_top50"] = float(correct[top].mean())
+        m["pseudolabel/ece"] = expected_calibration_error(confidence[known], correct)
         m["pseudolabel/n_scored"] = int(known.sum())
     if unlabeled.any():
         m["pseudolabel/mean_confidence"] = float(confidence[unlabeled].mean())
     return m
 
 
-def _fit_labeler(cfg: DictConfig, X: np.ndarray, y: np.ndarray, graph):
+def class_text(ctx: Context) -> np.ndarray | None:
+    """Class-name text embeddings (C, D), class order: the encode stage's (text tower) or the embeddings file's."""
+    text = ctx.state["store"].text_embeddings()
+    return text if text is not None else ctx.table.meta.get("text")
+
+
+def _fit_labeler(cfg: DictConfig, X: np.ndarray, y: np.ndarray, graph, text: np.ndarray | None = None):
+    """Instantiate ``cfg.pseudolabel.labeler`` and fit it; ``text`` reaches labelers whose ``fit`` takes it."""
     labeler = instantiate(cfg.pseudolabel.labeler)
-    labeler.fit(X, y, neighbors=graph)
+    if text is not None and "text" in inspect.signature(labeler.fit).parameters:
+        labeler.fit(X, y, neighbors=graph, text=text)
+    else:
+        labeler.fit(X, y, neighbors=graph)
     return labeler
 
 
@@ -94,7 +107,8 @@ def validation_sample(X, y: np.ndarray, rows: np.ndarray, graph, max_rows: int, 
     return Xs, y[pick], rows[pick], knn_graph(as_unit_rows(Xs), graph.k)
 
 
-def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph, out: Path) -> dict:
+def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph, out: Path,
+                     text: np.ndarray | None = None) -> dict:
     """Refit the labeler with each held-out fold of labeled rows hidden; score the fold (``val/*`` metrics).
 
     The first ``val.retrain_folds`` folds are written as pseudolabel-like folders
@@ -114,7 +128,7 @@ def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph,
     for f, held in enumerate(folds):
         y_f = y.copy()
         y_f[held] = -1
-        lab = _fit_labeler(cfg, X, y_f, graph)
+        lab = _fit_labeler(cfg, X, y_f, graph, text)
         pred = np.asarray(lab.labels_, np.int64)[held]
         correct += int((pred == y[held]).sum())
         total += len(held)
@@ -163,7 +177,11 @@ class Pseudolabel(CachedStage):
         else:
             conf = OmegaConf.to_container(cfg.pseudolabel, resolve=True)
             labels = array_hash(table.y[np.load(ctx.path("cluster") / "rows.npy")])
-        return ctx.cache.key("pseudolabel", {"cfg": conf, "labels": labels, "val": val}, ctx.key_of("cluster"))
+        parts = {"cfg": conf, "labels": labels, "val": val}
+        text = None if table.multilabel else class_text(ctx)
+        if text is not None:
+            parts["text"] = array_hash(np.asarray(text, np.float32))
+        return ctx.cache.key("pseudolabel", parts, ctx.key_of("cluster"))
 
     def build(self, ctx: Context, out: Path) -> dict:
         if ctx.table.multilabel:
@@ -176,8 +194,9 @@ class Pseudolabel(CachedStage):
         labeled = y >= 0
         X = load_rows(store, np.searchsorted(store.rows, rows))  # float16 memory map (float32 copies: labelers)
         graph = load_graph(cluster_dir)
+        text = class_text(ctx)
         t0 = time.perf_counter()
-        labeler = _fit_labeler(cfg, X, y, graph)
+        labeler = _fit_labeler(cfg, X, y, graph, text)
         seconds = time.perf_counter() - t0
         log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
         arrs = _arrays(labeler, rows, labeled, graph)
@@ -185,6 +204,7 @@ class Pseudolabel(CachedStage):
         metrics["pseudolabel/n_labeled"] = int(labeled.sum())
         metrics["pseudolabel/n_noise"] = int(arrs["noise"][~labeled].sum())
         metrics["pseudolabel/seconds"] = round(seconds, 2)
+        metrics["pseudolabel/text"] = int(text is not None)
         for attr, name in (("k_", "k"), ("n_clusters_", "n_clusters"), ("delta_k_", "delta_k"),
                            ("n_tiers_", "n_tiers")):
             if hasattr(labeler, attr):
@@ -193,7 +213,7 @@ class Pseudolabel(CachedStage):
         write_json(out / "labeler.json", {"name": cfg.pseudolabel.get("name", type(labeler).__name__),
                                           "class": type(labeler).__name__,
                                           "params": OmegaConf.to_container(cfg.pseudolabel, resolve=True)})
-        metrics.update(validate_labeler(cfg, X, y, rows, graph, out))
+        metrics.update(validate_labeler(cfg, X, y, rows, graph, out, text))
         return metrics
 
     def export(self, ctx: Context, result: StageResult) -> None:

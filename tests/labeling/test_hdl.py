@@ -157,7 +157,8 @@ def test_fitted_attributes():
     assert hdl.agreement_.shape == (n,) and 0 <= hdl.agreement_.min() and hdl.agreement_.max() <= 1
     assert isinstance(hdl.k_, int) and 1 <= hdl.k_ < n
     assert 0.0 <= hdl.delta_k_ <= 1.0
-    assert hdl.n_clusters_ >= 2
+    assert hdl.n_clusters_ == 0  # every row is reached through the graph: no k-means needed
+    assert HDL(n_tiers=4, cluster_weight=0.5).fit(X, ym).n_clusters_ >= 2
     proba = hdl.predict_proba(X[:10])
     assert proba.shape == (10, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
     assert (hdl.predict(X) == hdl.labels_).mean() >= 0.95

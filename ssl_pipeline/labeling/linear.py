@@ -1,0 +1,125 @@
+"""HDL's linear expert: weighted multinomial logistic regression on centred, projected unit rows.
+
+The rows are mean-centred, re-normalised and projected on their top principal axes (the "centre + L2"
+trick of few-shot work on frozen features; the projection only saves time), made on demand in batches
+(:class:`_LinearFeatures`) so no second N x D copy of the embeddings is held.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import minimize
+
+
+def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_classes: int, C: float,
+                 theta0: NDArray | None, max_iter: int) -> NDArray[np.float64]:
+    """Weighted multinomial logistic regression ``C * sum w CE + ||W||^2 / 2``; returns [W.ravel(), b]."""
+    n, d = X.shape
+    Y = np.zeros((n, n_classes), np.float32)
+    Y[np.arange(n), y] = 1.0
+    w = (np.asarray(w, np.float32) * C)[:, None]
+
+    def loss_grad(theta: NDArray) -> tuple[float, NDArray]:
+        W = theta[: d * n_classes].reshape(d, n_classes).astype(np.float32)
+        b = theta[d * n_classes:].astype(np.float32)
+        S = X @ W + b
+        S -= S.max(axis=1, keepdims=True)
+        E = np.exp(S)
+        Zs = E.sum(axis=1, keepdims=True)
+        wt = theta[: d * n_classes]
+        loss = -float((w * (S - np.log(Zs)) * Y).sum()) + 0.5 * float(np.dot(wt, wt))
+        G = (E / Zs - Y) * w
+        gW = X.T @ G + W
+        return loss, np.concatenate([gW.ravel(), G.sum(axis=0)]).astype(np.float64)
+
+    theta = np.zeros(d * n_classes + n_classes) if theta0 is None else theta0
+    res = minimize(loss_grad, theta, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    return res.x
+
+
+def _softmax_proba(theta: NDArray, X: NDArray[np.float32] | _LinearFeatures, n_classes: int, batch: int = 65536
+                   ) -> NDArray[np.float32]:
+    d = X.shape[1]
+    W = theta[: d * n_classes].reshape(d, n_classes).astype(np.float32)
+    b = theta[d * n_classes:].astype(np.float32)
+    out = np.empty((len(X), n_classes), np.float32)
+    if isinstance(X, _LinearFeatures):
+        chunks = X.batches(batch)
+    else:
+        chunks = ((s, X[s:s + batch]) for s in range(0, len(X), batch))
+    for s, xb in chunks:
+        S = xb @ W + b
+        S -= S.max(axis=1, keepdims=True)
+        np.exp(S, out=S)
+        S /= S.sum(axis=1, keepdims=True)
+        out[s:s + len(S)] = S
+    return out
+
+
+def _centre(X: NDArray[np.float32], mean: NDArray[np.float32]) -> NDArray[np.float32]:
+    Xc = X - mean
+    Xc /= np.maximum(np.linalg.norm(Xc, axis=1, keepdims=True), 1e-12)
+    return Xc
+
+
+def _project(X: NDArray[np.float32], mean: NDArray[np.float32] | None, components: NDArray[np.float32] | None,
+             rows: NDArray[np.int64] | None = None, batch: int = 65536) -> NDArray[np.float32]:
+    """Rows of ``X`` (all, or ``rows``), centred on ``mean`` and re-normalised (if ``mean`` is given), then
+    projected on ``components`` (if given); computed in batches, so only the result is allocated."""
+    m = len(X) if rows is None else len(rows)
+    r = X.shape[1] if components is None else components.shape[1]
+    out = np.empty((m, r), np.float32)
+    for s in range(0, m, batch):
+        xb = X[s:s + batch] if rows is None else X[rows[s:s + batch]]
+        if mean is not None:
+            xb = _centre(xb, mean)
+        out[s:s + batch] = xb if components is None else xb @ components
+    return out
+
+
+class _LinearFeatures:
+    """The linear expert's rows: centred, re-normalised, projected on ``components``, made on demand.
+
+    Stands in for the (N, r) feature matrix without materialising it, so the fit
+    holds no second N x D copy of the embeddings.
+    """
+
+    def __init__(self, X: NDArray[np.float32], mean: NDArray[np.float32], components: NDArray[np.float32] | None):
+        self.X, self.mean, self.components = X, mean, components
+        self.shape = (len(X), X.shape[1] if components is None else components.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
+        return _project(self.X, self.mean, self.components, rows=np.asarray(rows))
+
+    def batches(self, batch: int):
+        for s in range(0, len(self.X), batch):
+            yield s, _project(self.X[s:s + batch], self.mean, self.components)
+
+
+def _principal_axes(X: NDArray[np.float32], r: int | None, seed: int, max_rows: int = 50_000,
+                    mean: NDArray[np.float32] | None = None) -> NDArray[np.float32] | None:
+    """The top ``r`` principal axes (D, r) of the rows of ``X`` (a sample of them; centred on ``mean`` and
+    re-normalised first when ``mean`` is given), or None if ``r >= D``."""
+    if r is None or r >= X.shape[1]:
+        return None
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(X), min(len(X), max_rows), replace=False))
+    sample = _project(X, mean, None, rows=rows).astype(np.float64)
+    sample -= sample.mean(axis=0)
+    _, vecs = np.linalg.eigh(sample.T @ sample)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :r], dtype=np.float32)
+
+
+def _rank_within_class(cls: NDArray[np.int64], score: NDArray) -> NDArray[np.int64]:
+    """Rank (0 = best) of every entry among the entries of its class, by descending score."""
+    order = np.lexsort((-score, cls))
+    sorted_cls = cls[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_cls)) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(cls), np.int64)
+    rank[order] = np.arange(len(order)) - first
+    return rank
