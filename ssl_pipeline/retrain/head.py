@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.engine import make_trainer, rank_slice
-from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.models.module import HeadModule
-from ssl_pipeline.retrain.common import make_logger, soft_targets, test_positions, training_set
+from ssl_pipeline.retrain import recipes
+from ssl_pipeline.retrain.common import make_logger, test_positions
 
 log = logging.getLogger(__name__)
 
@@ -143,45 +143,49 @@ def accuracy(module: HeadModule, X: np.ndarray, y: np.ndarray) -> float:
 
 
 def run_head(cfg: DictConfig, table: SampleTable, store, pl_dir: Path, run_dir: Path) -> tuple[dict, dict]:
-    """Train the labeled-only and the pseudo-labeled heads; return (metrics, state dicts)."""
+    """Train the labeled-only and the pseudo-labeled heads; return (metrics, state dicts).
+
+    ``retrain.pseudo_targets=auto``: the recipe (how much the head trusts the pseudo-labels) is the
+    candidate of ``retrain.candidates`` with the best held-out accuracy on the validation folds
+    (:mod:`ssl_pipeline.retrain.recipes`); hard / soft: that fixed recipe.
+    """
     rcfg = cfg.retrain
     emb = store.load()
     pos_of = {int(r): i for i, r in enumerate(store.rows)}
-    rows, labels, w, is_pseudo = training_set(pl_dir, rcfg)
-    X = emb[[pos_of[int(r)] for r in rows]]
+
+    def embed(rows):
+        return emb[[pos_of[int(r)] for r in rows]]
+
     n_classes = len(table.classes)
     y_true = np.asarray(table.y_true)
     test_pos = test_positions(table, store)
     seed = int(cfg.seed)
-    log.info("retrain: head on %d samples (%d pseudo-labeled) vs %d labeled only", len(rows), int(is_pseudo.sum()),
-             int((~is_pseudo).sum()))
-    # both heads standardise with the statistics of every training-split embedding (no labels involved)
+    # every head standardises with the statistics of every training-split embedding (no labels involved)
     stats = feature_stats(emb[np.flatnonzero(np.asarray(table.train)[store.rows])])
-    lab_only = fit_head(X[~is_pseudo], labels[~is_pseudo], np.ones((~is_pseudo).sum(), np.float32), n_classes, cfg,
-                        seed, run_dir / "retrain_logs", "labeled_only", stats)
-    how = str(rcfg.get("pseudo_targets", "hard"))
-    if how not in ("hard", "soft"):
-        raise ConfigError("retrain.pseudo_targets", f"must be hard or soft, got {how!r}")
-    targets = None
-    if how == "soft" and is_pseudo.any():
-        # the labeler's label as a distribution (its confidence on it) times the labeled-only head's posterior:
-        # the two views' agreement (a graph over all images, a classifier on the given labels) sets the target
-        with torch.no_grad():
-            teacher = torch.softmax(lab_only(torch.from_numpy(X)) / float(rcfg.get("teacher_temperature", 1.0)),
-                                    -1).numpy()
-        conf = np.load(pl_dir / "confidence.npy").astype(np.float32)
-        conf_of = dict(zip(np.load(pl_dir / "rows.npy").tolist(), conf.tolist()))
-        targets = soft_targets(labels, np.array([conf_of[int(r)] for r in rows], np.float32), ~is_pseudo, teacher)
-    semi = fit_head(X, labels, w, n_classes, cfg, seed, run_dir / "retrain_logs", "semi_supervised", stats, targets)
-    metrics = {"retrain/world_size": int(getattr(semi, "world_size", 1)), "retrain/n_train": len(rows),
-                "retrain/n_pseudo": int(is_pseudo.sum()),
-               "retrain/pseudo_weight_mean": float(w[is_pseudo].mean()) if is_pseudo.any() else 0.0}
+    metrics: dict = {}
+    if str(rcfg.get("pseudo_targets", "hard")) == "auto":
+        recipe, metrics = select_recipe(cfg, pl_dir, embed, n_classes, stats)
+    else:
+        recipe = recipes.fixed_recipe(rcfg)
+    arrs = recipes.load_arrays(pl_dir)
+    lab = arrs["labeled"].astype(bool)
+    lab_only = fit_head(embed(arrs["rows"][lab]), arrs["labels"][lab].astype(np.int64), np.ones(int(lab.sum()),
+                        np.float32), n_classes, cfg, seed, run_dir / "retrain_logs", "labeled_only", stats)
+    d = recipes.training_data(arrs, recipe, rcfg, embed, _logits_of(lab_only))
+    rows, labels, w, is_pseudo = d["rows"], d["labels"], d["w"], d["is_pseudo"]
+    log.info("retrain: head (recipe %s) on %d samples (%d pseudo-labeled) vs %d labeled only", recipe.name,
+             len(rows), int(is_pseudo.sum()), int(lab.sum()))
+    semi = fit_head(d["X"], labels, w, n_classes, cfg, seed, run_dir / "retrain_logs", "semi_supervised", stats,
+                    d["targets"])
+    metrics.update({"retrain/recipe": recipe.name, "retrain/world_size": int(getattr(semi, "world_size", 1)),
+                    "retrain/n_train": len(rows), "retrain/n_pseudo": int(is_pseudo.sum()),
+                    "retrain/pseudo_weight_mean": float(w[is_pseudo].mean()) if is_pseudo.any() else 0.0})
     y_rows = y_true[rows]
     if is_pseudo.any() and (y_rows[is_pseudo] >= 0).any():
         k = is_pseudo & (y_rows >= 0)
         metrics["retrain/used_pseudolabel_accuracy"] = float((labels[k] == y_rows[k]).mean())
-        if targets is not None:
-            metrics["retrain/soft_target_mass_on_truth"] = float(targets[k, y_rows[k]].mean())
+        if d["targets"] is not None:
+            metrics["retrain/soft_target_mass_on_truth"] = float(d["targets"][k, y_rows[k]].mean())
     if len(test_pos):
         Xt, yt = emb[test_pos], y_true[store.rows[test_pos]]
         metrics["retrain/test_accuracy"] = accuracy(semi, Xt, yt)
@@ -194,3 +198,55 @@ def run_head(cfg: DictConfig, table: SampleTable, store, pl_dir: Path, run_dir: 
                 lg.save()
     return metrics, {"head.pt": semi.state_dict(), "head_labeled_only.pt": lab_only.state_dict()}
 
+
+def _logits_of(module: HeadModule):
+    @torch.no_grad()
+    def f(X: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(X)).numpy()
+
+    return f
+
+
+def select_recipe(cfg: DictConfig, pl_dir: Path, embed, n_classes: int, stats) -> tuple[recipes.Recipe, dict]:
+    """The candidate recipe with the best held-out accuracy over the validation folds of ``pl_dir``; its metrics.
+
+    Each fold: the labeled-only head on the fold's labeled rows, then every candidate on the fold's
+    pseudo-labels, scored on the fold's held-out labeled rows (labels from ``pl_dir``'s given labels).
+    Without folds (validation off, or no class with two labels) the first candidate is used.
+    """
+    rcfg = cfg.retrain
+    cands = recipes.candidates(rcfg)
+    folds = sorted(Path(pl_dir, "val").glob("fold*"))
+    if not folds:
+        log.info("retrain: no validation folds; recipe %s (the first candidate)", cands[0].name)
+        return cands[0], {"retrain/recipe_source": "first_candidate"}
+    main = recipes.load_arrays(pl_dir)
+    given = dict(zip(main["rows"].tolist(), np.where(main["labeled"], main["labels"], -1).tolist()))
+    scores = {c.name: [0, 0.0] for c in cands}
+    n_held = 0
+    seed = int(cfg.seed)
+    for fold in folds:
+        held = np.load(fold / "heldout_rows.npy")
+        y_held = np.array([given[int(r)] for r in held], np.int64)
+        Xh = torch.from_numpy(embed(held))
+        arrs = recipes.load_arrays(fold)
+        lab = arrs["labeled"].astype(bool)
+        lab_only = fit_head(embed(arrs["rows"][lab]), arrs["labels"][lab].astype(np.int64),
+                            np.ones(int(lab.sum()), np.float32), n_classes, cfg, seed, None, "val", stats)
+        for c in cands:
+            d = recipes.training_data(arrs, c, rcfg, embed, _logits_of(lab_only))
+            head = lab_only if not d["is_pseudo"].any() else fit_head(
+                d["X"], d["labels"], d["w"], n_classes, cfg, seed, None, "val", stats, d["targets"])
+            with torch.no_grad():
+                logp = torch.log_softmax(head(Xh), -1).numpy()
+            scores[c.name][0] += int((logp.argmax(1) == y_held).sum())
+            scores[c.name][1] += float(-logp[np.arange(len(held)), y_held].sum())
+        n_held += len(held)
+    best = recipes.choose({k: tuple(v) for k, v in scores.items()}, [c.name for c in cands])
+    metrics = {f"val/retrain_accuracy/{k}": v[0] / n_held for k, v in scores.items()}
+    metrics.update({f"val/retrain_logloss/{k}": v[1] / n_held for k, v in scores.items()})
+    metrics.update({"val/retrain_accuracy": scores[best][0] / n_held, "val/retrain_n_heldout": n_held,
+                    "val/retrain_folds": len(folds), "retrain/recipe_source": "validation"})
+    log.info("retrain: recipe %s chosen on %d held-out labeled rows (%s)", best, n_held,
+             ", ".join(f"{k} {v[0] / n_held:.3f}" for k, v in scores.items()))
+    return next(c for c in cands if c.name == best), metrics

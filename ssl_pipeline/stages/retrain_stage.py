@@ -5,6 +5,10 @@ Validation (single-label, ``retrain.mode=head``): for each fold folder the
 pseudolabel stage wrote (``val/fold<f>/``: that fold's pseudo-labels, its
 held-out labeled rows removed), the same head recipe is trained on the fold and
 scored on the held-out rows: ``val/retrain_accuracy`` (also ``val/accuracy``).
+With ``retrain.pseudo_targets=auto`` the head recipe already trained every candidate
+on every fold to choose itself (:mod:`ssl_pipeline.retrain.recipes`); its
+``val/retrain_accuracy`` is the chosen candidate's held-out accuracy (the best of
+the candidates, so slightly optimistic) and no extra heads are trained here.
 ``retrain.mode=finetune`` is not refitted per fold (its cost is a whole
 fine-tuning); its runs keep the pseudolabel stage's ``val/accuracy`` and say so in
 ``val/source``.
@@ -52,13 +56,15 @@ class Retrain(Stage):
         path, metrics, key = retrain.run(ctx.cfg, ctx.table, ctx.state["store"], ctx.path("pseudolabel"), ctx.cache,
                                          ctx.key_of("pseudolabel"), ctx.run_dir, force=ctx.forced("retrain"))
         metrics = dict(metrics)
-        metrics.update(self.validate(ctx, retrain))
+        metrics.update(self.validate(ctx, retrain, metrics))
         return StageResult(path, metrics, key)
 
-    def validate(self, ctx: Context, retrain) -> dict:
+    def validate(self, ctx: Context, retrain, metrics: dict) -> dict:
         folds = sorted((ctx.path("pseudolabel") / "val").glob("fold*"))
         if not folds:
             return {}
+        if metrics.get("retrain/recipe_source") == "validation":
+            return {"val/accuracy": metrics["val/retrain_accuracy"], "val/source": "retrain"}
         if ctx.cfg.retrain.get("mode", "head") != "head":
             log.info("retrain: validation heads are trained for retrain.mode=head only; val/accuracy is the "
                      "pseudolabel stage's")
