@@ -1,9 +1,12 @@
 """retrain.mode=head: a linear/MLP head on the cached embeddings, with and without the pseudo-labels.
 
-The labeled-only head is trained first; with ``retrain.pseudo_targets=soft`` (default) the
-pseudo-labeled head learns the labeler's label (as a distribution with its confidence on it) times
-the labeled-only head's posterior. Runs on ``cfg.trainer`` (``trainer=ddp trainer.devices=N``:
-N processes, each taking its share of every global batch).
+The labeled-only head is trained first. ``retrain.pseudo_targets=auto`` (default) picks how the
+pseudo-labeled head uses the pseudo-labels (hard, confidence-weighted, top share per class, only where
+the labeled-only head agrees, soft, lightly weighted: ``retrain.candidates``) by held-out accuracy on
+the validation folds (:mod:`ssl_pipeline.retrain.recipes`); ``soft``: the labeler's label (as a
+distribution with its confidence on it) times the labeled-only head's posterior; ``hard``: the label.
+Runs on ``cfg.trainer`` (``trainer=ddp trainer.devices=N``: N processes, each taking its share of
+every global batch).
 """
 
 from __future__ import annotations
@@ -242,6 +245,8 @@ def select_recipe(cfg: DictConfig, pl_dir: Path, embed, n_classes: int, stats) -
             scores[c.name][0] += int((logp.argmax(1) == y_held).sum())
             scores[c.name][1] += float(-logp[np.arange(len(held)), y_held].sum())
         n_held += len(held)
+        log.info("retrain: recipe validation, %s: %d held-out rows, right so far %s", fold.name, n_held,
+                 {k: v[0] for k, v in scores.items()})
     best = recipes.choose({k: tuple(v) for k, v in scores.items()}, [c.name for c in cands])
     metrics = {f"val/retrain_accuracy/{k}": v[0] / n_held for k, v in scores.items()}
     metrics.update({f"val/retrain_logloss/{k}": v[1] / n_held for k, v in scores.items()})

@@ -82,7 +82,8 @@ def training_data(arrs: dict, recipe: Recipe, rcfg: DictConfig, embed, teacher) 
 
     ``embed(rows) -> (n, D)``; ``teacher(X) -> (n, C)`` logits of the labeled-only head.
     """
-    sel = OmegaConf.merge(rcfg, {"pseudo_weight": recipe.weight})
+    sel = OmegaConf.create({"min_confidence": float(rcfg.min_confidence), "pseudo_weight": recipe.weight,
+                            "drop_noisy": bool(rcfg.get("drop_noisy", True))})
     rows, labels, w, is_pseudo = select_training(arrs["rows"], arrs["labels"], arrs["confidence"],
                                                  arrs["labeled"], arrs["noise"], sel)
     conf_of = dict(zip(arrs["rows"].tolist(), np.asarray(arrs["confidence"], np.float32).tolist()))

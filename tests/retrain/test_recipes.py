@@ -55,7 +55,7 @@ def write_pl(tmp: Path, y: np.ndarray, noise_rate: float, n_folds: int = 3) -> P
 
 
 def cfg_for(*extra: str):
-    return make_config("retrain.steps=150", "retrain.logger=none", *extra)
+    return make_config("retrain.steps=80", "retrain.logger=none", *extra)
 
 
 def test_candidates_are_validated():
