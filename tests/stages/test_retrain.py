@@ -203,3 +203,20 @@ def test_filter_pseudo_keeps_agreeing_and_top_ranked_labels():
     # per class, the better-scored half (confidence x teacher probability) of the agreeing pseudo-labels
     top = filter_pseudo(labels, conf, labeled, teacher, "agree", top=0.5)
     np.testing.assert_array_equal(top, [0, 1, 0, -1, 1, -1, 0])  # class 0: 2 of 3 kept, row 3 (0.5 x 0.6) dropped
+
+
+def test_head_retrain_chooses_its_recipe_on_the_validation_folds(tmp_path, embeddings_file):
+    """pseudo_targets=auto: every candidate scored on the held-out labeled rows, the best one trained on all labels."""
+    base = ["data=embeddings", f"data.path={embeddings_file}", "pseudolabel=knn", "retrain.steps=30",
+            "retrain.logger=none"]
+    m = pipeline.run(make_config(*base, cache_dir=tmp_path / "cache"), tmp_path / "auto")
+    names = list(OmegaConf.load(ROOT / "conf" / "retrain" / "head.yaml").candidates)
+    assert m["retrain/recipe"] in names and m["retrain/recipe_source"] == "validation"
+    scores = {n: m[f"val/retrain_accuracy/{n}"] for n in names}
+    assert m["val/retrain_accuracy"] == max(scores.values()) == m["val/accuracy"]
+    assert scores[m["retrain/recipe"]] == max(scores.values())
+    assert m["val/retrain_n_heldout"] == m["val/n_heldout"] and m["val/source"] == "retrain"
+    fixed = pipeline.run(make_config(*base, "retrain.pseudo_targets=hard", cache_dir=tmp_path / "cache"),
+                         tmp_path / "hard")
+    assert fixed["retrain/recipe"] == "hard" and not [k for k in fixed if k.startswith("val/retrain_accuracy/")]
+    assert 0.0 <= fixed["val/retrain_accuracy"] <= 1.0 and fixed["val/source"] == "retrain"
