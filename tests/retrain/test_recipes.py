@@ -61,7 +61,7 @@ def cfg_for(*extra: str):
 def test_candidates_are_validated():
     cfg = cfg_for()
     names = [c.name for c in recipes.candidates(cfg.retrain)]
-    assert "hard" in names and "soft" in names
+    assert names == ["hard_one", "hard_agree", "hard_light"]
     with pytest.raises(ConfigError, match="retrain.candidates.x"):
         recipes.candidates(cfg_for("+retrain.candidates.x={targets: hard, bogus: 1}").retrain)
     with pytest.raises(ConfigError, match="retrain.candidates.y.targets"):
