@@ -34,10 +34,10 @@ from ssl_pipeline.artifacts import atomic_write_text, write_json
 from ssl_pipeline.audit import COLUMNS
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.multilabel.contexts import context_targets
+from ssl_pipeline.multilabel.features import features_of
 from ssl_pipeline.multilabel.labeler import CSALabeler
 from ssl_pipeline.multilabel.settings import macro_map, precision_at_k, settings
 from ssl_pipeline.multilabel.train import fit, predict
-from ssl_pipeline.multilabel.features import features_of
 from ssl_pipeline.stage_io import load_graph, read_arrays, write_arrays
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     info = runs["semi"][1]
     m: dict = {"retrain/mode": "multilabel", "retrain/loss": name, "retrain/n_test": len(test),
                "retrain/n_train": len(rows), "retrain/label_init": info["label_init"],
-               "retrain/n_refreshes": info["n_refreshes"], "retrain/hard_negative_hit_rate": info["hard_negative_hit_rate"],
+               "retrain/n_refreshes": info["n_refreshes"],
+               "retrain/hard_negative_hit_rate": info["hard_negative_hit_rate"],
                "retrain/train_seconds": runs["semi"][2], "retrain/labeled_only_train_seconds": runs["labeled_only"][2],
                "val/source": "pseudolabel"}
     arrays = {"rows_test": test}
