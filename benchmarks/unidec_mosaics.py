@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--no-bce", action="store_true")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--work", default=None, help="folder for the mosaics file and the pipeline cache (kept: a "
+                                                 "rerun with the same arguments reuses finished stages)")
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
     a = ap.parse_args()
     if a.table:
@@ -159,7 +161,8 @@ def main() -> None:
 
     data = shared_data(a.data)
     arr = make_mosaics(data, a.train, a.test, a.labeled_fraction, a.seed)
-    work = Path(tempfile.mkdtemp(prefix="unidec_mosaics_"))
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="unidec_mosaics_"))
+    work.mkdir(parents=True, exist_ok=True)
     f = work / "mosaics.npz"
     np.savez(f, **arr)
     seed = [f"seed={a.seed}"]

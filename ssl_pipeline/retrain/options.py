@@ -74,9 +74,10 @@ def check_loss(cfg: DictConfig, multilabel: bool) -> None:
             loss_settings(cfg)  # unknown or bad settings stop here
         return
     if cls in MULTILABEL:
+        m = str(cfg.retrain.get("mode", "head"))
         raise ConfigError("loss", f"loss={name} runs on multi-label data only (a Y matrix: data=embeddings with X, Y, "
-                                  "labeled; data=multilabel_csv; data=multilabel_demo); single-label retrain accepts "
-                                  f"loss={', '.join(accepted(str(cfg.retrain.get('mode', 'head'))))}")
+                                  "labeled; data=multilabel_csv; data=multilabel_demo); "
+                                  f"retrain={m} accepts loss={', '.join(accepted(m))}")
     mode = str(cfg.retrain.get("mode", "head"))
     if mode not in modes:
         why = f" ({WHY[cls]})" if cls in WHY else ""
