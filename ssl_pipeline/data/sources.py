@@ -116,13 +116,32 @@ def image_folder_table(cfg: DictConfig) -> SampleTable:
                        meta={"root": str(root)})
 
 
+def check_X(p: Path, X: np.ndarray) -> None:
+    """DataError unless ``X`` is a non-empty numeric N x D array without NaN/inf or all-zero rows."""
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise DataError(f"{p}: X must be a non-empty N x D array, got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number):
+        raise DataError(f"{p}: X must be numeric, got dtype {X.dtype}")
+    n_bad = n_zero = 0
+    for s in range(0, X.shape[0], 65536):  # in batches: no N x D temporaries
+        b = X[s:s + 65536]
+        n_bad += int((~np.isfinite(b)).any(axis=1).sum())
+        n_zero += int((~b.any(axis=1)).sum())
+    if n_bad:
+        raise DataError(f"{p}: X holds NaN or inf in {n_bad} rows")
+    if n_zero:
+        raise DataError(f"{p}: X holds {n_zero} all-zero rows")
+
+
 def load_embeddings_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read and validate an embeddings ``.npz``; return its arrays.
 
-    Required: ``X`` (N, D) float, ``y`` (N,) int with -1 = unlabeled. Optional:
+    Single-label: ``X`` (N, D) float, ``y`` (N,) int with -1 = unlabeled. Optional:
     ``y_true`` (N,) int, ``classes`` (C,) str, ``split`` (N,) str in {train, test},
     ``ids`` (N,) str, ``text`` (C, D) float class-name embeddings of the same model, one row per
-    class in class order. Raises DataError naming the file and the bad array.
+    class in class order. Multi-label (a ``Y`` array): see
+    :func:`ssl_pipeline.data.multilabel_embeddings.check_multilabel_arrays`. Raises DataError naming the
+    file and the bad array.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -132,14 +151,15 @@ def load_embeddings_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         arrays = {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise DataError(f"{p}: not a readable .npz file ({e})") from e
+    if "Y" in arrays:  # multi-label: X, Y (N x C 0/1), labeled (N,) bool
+        from ssl_pipeline.data.multilabel_embeddings import check_multilabel_arrays
+
+        return check_multilabel_arrays(p, arrays)
     for k in ("X", "y"):
         if k not in arrays:
-            raise DataError(f"{p}: missing array {k!r} (has: {sorted(arrays)})")
+            raise DataError(f"{p}: missing array {k!r} (has: {sorted(arrays)}; a multi-label file has X, Y, labeled)")
     X, y = arrays["X"], arrays["y"]
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"{p}: X must be a non-empty N x D array, got shape {X.shape}")
-    if not np.issubdtype(X.dtype, np.number):
-        raise DataError(f"{p}: X must be numeric, got dtype {X.dtype}")
+    check_X(p, X)
     n = X.shape[0]
     for k in ("y", "y_true", "split", "ids"):
         if k in arrays and arrays[k].shape != (n,):
@@ -153,15 +173,6 @@ def load_embeddings_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 arrays[k] = a.astype(np.int64)
             if (arrays[k] < -1).any():
                 raise DataError(f"{p}: {k} holds labels below -1 (min {int(arrays[k].min())}); -1 means unlabeled")
-    n_bad = n_zero = 0
-    for s in range(0, n, 65536):  # in batches: no N x D temporaries
-        b = X[s:s + 65536]
-        n_bad += int((~np.isfinite(b)).any(axis=1).sum())
-        n_zero += int((~b.any(axis=1)).sum())
-    if n_bad:
-        raise DataError(f"{p}: X holds NaN or inf in {n_bad} rows")
-    if n_zero:
-        raise DataError(f"{p}: X holds {n_zero} all-zero rows")
     y = arrays["y"]
     if not (y >= 0).any():
         raise DataError(f"{p}: y has no labeled row (all -1)")
@@ -198,6 +209,10 @@ def embeddings_table(cfg: DictConfig) -> SampleTable:
     if cfg.get("path") in (None, "???"):
         raise ConfigError("data.path", "is required for data=embeddings (a .npz with X and y)")
     a = load_embeddings_file(cfg.path)
+    if "Y" in a:
+        from ssl_pipeline.data.multilabel_embeddings import multilabel_embeddings_table
+
+        return multilabel_embeddings_table(cfg, a)
     y = a["y"].astype(np.int64)
     n = len(y)
     y_true = a["y_true"].astype(np.int64) if "y_true" in a else y.copy()

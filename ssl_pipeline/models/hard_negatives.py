@@ -221,7 +221,8 @@ class HardNegativeMiner:
             front = np.argsort(~keep, axis=1, kind="stable")[:, :n_neg]
             chosen = np.take_along_axis(ids, front, axis=1)
             chosen_ok = np.take_along_axis(keep, front, axis=1)
-            out[todo[done]] = np.where(chosen_ok, chosen, -1)[done]
+            w = chosen.shape[1]  # < n_neg when the index holds fewer labels than asked for
+            out[todo[done], :w] = np.where(chosen_ok, chosen, -1)[done]
             todo = todo[~done]
             k = min(self.n_labels_, 2 * k)
         n_short = int((out < 0).any(1).sum())

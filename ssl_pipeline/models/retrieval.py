@@ -189,6 +189,7 @@ class UniDECLoss(nn.Module):
     q_clf : (B, d) classifier-head query features, optional (no CLF term without it)
     pool_ids : (P,) int64 label ids of the pool in [0, L_total), needed with q_clf
     clf_weight : (L_total, d), optional, overrides the owned W
+    ignore : (B, P) bool, optional, pool entries that are neither positives nor negatives of query i
     returns : () scalar, or (scalar, {"de", "clf"}) with ``return_terms=True``
     """
 
@@ -219,11 +220,16 @@ class UniDECLoss(nn.Module):
 
     def forward(self, q_de: Tensor, label_de: Tensor, pos: Tensor, q_clf: Tensor | None = None,
                 pool_ids: Tensor | None = None, clf_weight: Tensor | None = None,
-                generator: torch.Generator | None = None, return_terms: bool = False):
+                generator: torch.Generator | None = None, return_terms: bool = False,
+                ignore: Tensor | None = None):
         if pos.shape != (q_de.shape[0], label_de.shape[0]):
             raise ValueError(f"pos must have shape (B, P) = ({q_de.shape[0]}, {label_de.shape[0]}), "
                              f"got {tuple(pos.shape)}")
+        pos = pos.to(torch.bool)
         sel = sample_positives(pos, self.max_pos_per_query, generator or self.generator)
+        if ignore is not None:  # (B, P) bool: neither positive nor negative (e.g. uncertain pseudo-labels)
+            ign = ignore.to(torch.bool) & ~pos
+            sel, pos = sel & ~ign, pos | ign
         s_de = F.normalize(q_de, dim=-1) @ F.normalize(label_de, dim=-1).T / self.tau_de
         l_de = psl_loss_from_scores(s_de, pos, sel, self.decoupled)
         if q_clf is None or self.lam == 0:

@@ -91,6 +91,9 @@ def extract(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def key_config(cfg: DictConfig, table: SampleTable) -> dict:
+    if cfg.data.kind == "embeddings":  # an embeddings file: imported as pooled shards, no backbone, no tokens
+        return {"data": data_fingerprint(table), "kind": "embeddings", "shard_size": int(cfg.encode.shard_size),
+                "classes": table.classes, "multilabel": True}
     return {
         "data": data_fingerprint(table),
         "kind": cfg.data.kind,
@@ -102,6 +105,30 @@ def key_config(cfg: DictConfig, table: SampleTable) -> dict:
         "classes": table.classes,
         "version": 2,
     }
+
+
+def pooled_features(path: Path, text=None) -> TokenFeatures:
+    """An encode folder without spatial tokens (``data=embeddings``): each pooled embedding is one token.
+
+    ``tokens`` (M, 1, D) float16, ``pooled`` (M, D) float32, ``grid`` (1, 1); ``text`` (C, D) from the
+    embeddings file, if any. The alignment head then reduces to a label-specific head on pooled features
+    (attention over a single token is the token itself).
+    """
+    import numpy as np
+
+    from ssl_pipeline.stage_io import EmbeddingStore
+
+    store = EmbeddingStore(path)
+    pooled = store.load(np.float32)
+    return TokenFeatures(rows=store.rows, tokens=pooled.astype(np.float16)[:, None, :], pooled=pooled, grid=(1, 1),
+                         text=None if text is None else np.asarray(text, np.float32), skipped=[])
+
+
+def features_of(path: Path, table: SampleTable) -> TokenFeatures:
+    """The multi-label features of an encode folder: spatial tokens, or pooled-only for an embeddings file."""
+    if table.meta.get("embeddings_only"):
+        return pooled_features(path, table.meta.get("text"))
+    return load_features(path)
 
 
 def encode_tokens_into(cfg: DictConfig, table: SampleTable, partial: Path) -> dict:

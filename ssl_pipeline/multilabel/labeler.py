@@ -112,7 +112,9 @@ class CSALabeler:
         use_text = text is not None and bool(s["text_embeddings"])
         self.pca_ = None
         if s["token_dim"] and int(s["token_dim"]) < tokens.shape[-1] and not use_text:
-            self.pca_ = token_pca(tokens, np.r_[lab, unl], int(s["token_dim"]), seed)
+            # one token per image (pooled embeddings): fit on up to 20,000 images, not 200 (a D-dim covariance)
+            self.pca_ = token_pca(tokens, np.r_[lab, unl], int(s["token_dim"]), seed,
+                                  max_images=20000 if tokens.shape[1] == 1 else 200)
         tok = self.transform(tokens)
         self.dim_ = int(tok.shape[-1])
         tok_lab, tok_unl = tok[lab], tok[unl]

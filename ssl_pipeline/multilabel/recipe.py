@@ -34,10 +34,11 @@ from ssl_pipeline.artifacts import atomic_write_text, write_json
 from ssl_pipeline.audit import COLUMNS
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.multilabel.contexts import context_targets
+from ssl_pipeline.multilabel.features import features_of
 from ssl_pipeline.multilabel.labeler import CSALabeler
-from ssl_pipeline.multilabel.settings import macro_map, settings
+from ssl_pipeline.multilabel.settings import macro_map, precision_at_k, settings
 from ssl_pipeline.multilabel.train import fit, predict
-from ssl_pipeline.stage_io import load_features, load_graph, read_arrays, write_arrays
+from ssl_pipeline.stage_io import load_graph, read_arrays, write_arrays
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def make_labeler(cfg, s: dict):
 
 
 def _inputs(ctx):
-    feats = load_features(ctx.path("encode"))
+    feats = features_of(ctx.path("encode"), ctx.table)
     rows = np.load(ctx.path("cluster") / "rows.npy")
     pos = np.searchsorted(feats.rows, rows)
     return feats, rows, pos
@@ -121,13 +122,95 @@ def _validate(cfg, s: dict, tokens, Y, labeled, graph, text, out: Path) -> dict:
             "val/seconds": round(time.perf_counter() - t0, 2)}
 
 
+def retrain_key_config(cfg) -> dict:
+    """What determines the multi-label retrain artifact: the recipe's settings, the seed, a dual-encoder loss."""
+    from ssl_pipeline.retrain.options import multilabel_loss
+
+    parts = {"multilabel": settings(cfg), "seed": int(cfg.seed)}
+    if multilabel_loss(cfg) is not None:
+        from ssl_pipeline.multilabel.unidec import loss_settings
+
+        parts["loss"] = loss_settings(cfg)
+    return parts
+
+
+def test_metrics(Y: np.ndarray, S: np.ndarray, prefix: str = "retrain/test") -> dict:
+    """Macro mAP, P@1 and P@5 of scores S (n, C) against labels Y (n, C)."""
+    return {f"{prefix}_map": macro_map(Y, S), f"{prefix}_p@1": precision_at_k(Y, S, 1),
+            f"{prefix}_p@5": precision_at_k(Y, S, 5)}
+
+
+def _retrain_dual_encoder(ctx, out: Path) -> dict:
+    """``loss=unidec`` / ``loss=psl``: the dual encoder on labeled + pseudo-labeled pooled embeddings vs the same
+    model on the labeled rows only (:mod:`ssl_pipeline.multilabel.unidec`), both scored on the test split."""
+    from ssl_pipeline.multilabel.unidec import loss_settings, scores, train_dual_encoder
+
+    cfg, table = ctx.cfg, ctx.table
+    seed = int(cfg.seed)
+    name, kwargs, s = loss_settings(cfg)
+    t0 = time.perf_counter()
+    pl_dir = ctx.path("pseudolabel")
+    feats = features_of(ctx.path("encode"), table)
+    arr = read_arrays(pl_dir, ("rows", "labeled", "decision", "counted"))
+    rows, labeled = arr["rows"], arr["labeled"].astype(bool)
+    pos = np.full(len(table), -1, np.int64)
+    pos[feats.rows] = np.arange(len(feats.rows))
+    test = np.flatnonzero(table.test & (pos >= 0))
+    Y = np.asarray(table.y_true).astype(np.int8)
+    X = feats.pooled
+    lab, unl = rows[labeled], rows[~labeled]
+    text = feats.text if feats.text is not None else table.meta.get("text")
+    if text is not None and np.asarray(text).shape[1] != X.shape[1]:
+        text = None  # text embeddings in another space than the pooled features
+    runs = {}
+    for which, u in (("semi", unl), ("labeled_only", unl[:0])):
+        t1 = time.perf_counter()
+        model, info = train_dual_encoder(
+            X[pos[lab]], Y[lab], X[pos[u]] if len(u) else None, arr["decision"][~labeled] if len(u) else None,
+            arr["counted"][~labeled] if len(u) else None, text, name, kwargs, s, seed)
+        runs[which] = (model, info, round(time.perf_counter() - t1, 2))
+    tau_de = float(kwargs.get("tau_de", kwargs.get("tau", 0.05)))
+    tau_clf = float(kwargs.get("tau_clf", 1.0))
+    use_clf = name == "unidec" and float(kwargs.get("lam", 1.0)) > 0
+    info = runs["semi"][1]
+    m: dict = {"retrain/mode": "multilabel", "retrain/loss": name, "retrain/n_test": len(test),
+               "retrain/n_train": len(rows), "retrain/label_init": info["label_init"],
+               "retrain/n_refreshes": info["n_refreshes"],
+               "retrain/hard_negative_hit_rate": info["hard_negative_hit_rate"],
+               "retrain/train_seconds": runs["semi"][2], "retrain/labeled_only_train_seconds": runs["labeled_only"][2],
+               "val/source": "pseudolabel"}
+    arrays = {"rows_test": test}
+    if len(test):
+        S = scores(runs["semi"][0], X[pos[test]], tau_de, tau_clf, use_clf)
+        S_lab = scores(runs["labeled_only"][0], X[pos[test]], tau_de, tau_clf, use_clf)
+        m.update(test_metrics(Y[test], S["fused"]))
+        m.update(test_metrics(Y[test], S_lab["fused"], "retrain/labeled_only_test"))
+        if use_clf:
+            m["retrain/test_map_de"] = macro_map(Y[test], S["de"])
+            m["retrain/test_map_clf"] = macro_map(Y[test], S["clf"])
+        m["retrain/gain"] = m["retrain/test_map"] - m["retrain/labeled_only_test_map"]
+        arrays.update(test_scores=S["fused"], test_scores_labeled_only=S_lab["fused"])
+    write_arrays(out, arrays)
+    for which, (model, _, _) in runs.items():
+        torch.save(model.state_dict(), out / ("dual_encoder.pt" if which == "semi" else "dual_encoder_labeled_only.pt"))
+    m["retrain/seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("retrain: loss=%s dual encoder, test mAP %.4f (labeled only %.4f)", name, m.get("retrain/test_map", -1),
+             m.get("retrain/labeled_only_test_map", -1))
+    return m
+
+
 def build_retrain(ctx, out: Path) -> dict:
-    """The retrain stage on multi-label data: semi-supervised teacher vs labeled-only head on the test split."""
+    """The retrain stage on multi-label data: semi-supervised teacher vs labeled-only head on the test split
+    (``loss=unidec`` / ``psl``: the dual encoder instead, :func:`_retrain_dual_encoder`)."""
+    from ssl_pipeline.retrain.options import multilabel_loss
+
+    if multilabel_loss(ctx.cfg) is not None:
+        return _retrain_dual_encoder(ctx, out)
     cfg, table = ctx.cfg, ctx.table
     s, seed = settings(cfg), int(cfg.seed)
     t0 = time.perf_counter()
     pl_dir = ctx.path("pseudolabel")
-    feats = load_features(ctx.path("encode"))
+    feats = features_of(ctx.path("encode"), ctx.table)
     arr = read_arrays(pl_dir, ("rows", "labeled"))
     rows, labeled = arr["rows"], arr["labeled"].astype(bool)
     semi = CSALabeler.load(pl_dir, s, seed)
@@ -145,8 +228,8 @@ def build_retrain(ctx, out: Path) -> dict:
     S_lab, _ = predict(lab_only.teacher, tok_test)
     m: dict = {"retrain/mode": "multilabel", "retrain/n_test": len(test), "retrain/n_train": len(rows)}
     if len(test):
-        m["retrain/test_map"] = macro_map(Y[test], S_semi)
-        m["retrain/labeled_only_test_map"] = macro_map(Y[test], S_lab)
+        m.update(test_metrics(Y[test], S_semi))
+        m.update(test_metrics(Y[test], S_lab, "retrain/labeled_only_test"))
         m["retrain/gain"] = m["retrain/test_map"] - m["retrain/labeled_only_test_map"]
     if (pl_dir / "val_teacher.npz").exists():
         v = np.load(pl_dir / "val_teacher.npz")

@@ -108,3 +108,12 @@ def reduce_tokens(tokens: np.ndarray, fit_pos: np.ndarray, dim: int, seed: int,
     return project_tokens(tokens, *token_pca(tokens, fit_pos, dim, seed, max_images))
 
 
+
+
+def precision_at_k(Y: np.ndarray, S: np.ndarray, k: int) -> float:
+    """P@k: mean over rows of (positives among the row's ``k`` highest-scored labels) / k; Y, S (n, C)."""
+    if len(Y) == 0:
+        return float("nan")
+    k = min(int(k), Y.shape[1])
+    top = np.argpartition(-np.asarray(S), k - 1, axis=1)[:, :k]
+    return float(np.take_along_axis(np.asarray(Y), top, axis=1).sum(1).mean() / k)

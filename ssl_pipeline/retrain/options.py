@@ -9,12 +9,15 @@ samtone    head                          images vs a learnable class table, same
                                          (image-image, label-label); predicts by cosine to the table
 simcse_pp  (refused)                     an unlabeled two-view (dropout) embedding objective: no
                                          retrain mode here trains an encoder without a classifier
-psl        (refused)                     a multi-label retrieval loss over label embeddings
-unidec     (refused)                     a multi-label dual-encoder + classifier loss
+psl        multi-label data only         pick-some-labels on a dual encoder (DE head alone) over the pooled
+                                         embeddings, faiss hard-negative labels (ssl_pipeline.multilabel.unidec)
+unidec     multi-label data only         UniDEC: dual encoder + classifier trained together with PSL, faiss
+                                         hard-negative labels refreshed during training
 =========  ============================  ==============================================================
 
-Multi-label data trains the multi-label recipe, whose ASL is set by ``multilabel.asl``; there
-``loss=`` keeps its default. Refusals are one line naming ``loss`` and the accepted options.
+Multi-label data trains the multi-label recipe, whose ASL is set by ``multilabel.asl`` (the default
+``loss=ce`` keeps it); ``loss=unidec`` / ``loss=psl`` replace its retrain step by the dual encoder.
+Refusals are one line naming ``loss`` and the accepted options.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ FITS = {
     "PSLLoss": ("psl", ()),
     "UniDECLoss": ("unidec", ()),
 }
+MULTILABEL = {"PSLLoss": "psl", "UniDECLoss": "unidec"}  # dual-encoder losses of the multi-label retrain
 WHY = {
     "SimCSEPPLoss": "an unlabeled two-view (dropout) embedding objective; the retrain modes train classifiers",
     "PSLLoss": "a multi-label retrieval loss over label embeddings (pick-some-labels); no retrain mode here has a "
@@ -46,6 +50,12 @@ def accepted(mode: str) -> list[str]:
     return [name for name, modes in FITS.values() if mode in modes]
 
 
+def multilabel_loss(cfg: DictConfig) -> str | None:
+    """``"unidec"`` / ``"psl"`` when ``cfg.loss`` is a dual-encoder loss of the multi-label retrain, else None."""
+    target = str((cfg.get("loss") or {}).get("_target_", ""))
+    return MULTILABEL.get(target.rsplit(".", 1)[-1])
+
+
 def check_loss(cfg: DictConfig, multilabel: bool) -> None:
     """Raise :class:`ConfigError` (key ``loss``) when ``cfg.loss`` cannot run with ``cfg.retrain.mode`` / the data."""
     target = str((cfg.get("loss") or {}).get("_target_", ""))
@@ -54,11 +64,20 @@ def check_loss(cfg: DictConfig, multilabel: bool) -> None:
         return
     name, modes = FITS[cls]
     if multilabel:
-        if name != "ce":
+        if name != "ce" and cls not in MULTILABEL:
             raise ConfigError("loss", f"loss={name} does not apply to multi-label data: the multi-label recipe trains "
-                                      "with its own ASL (set multilabel.asl.gamma_neg / gamma_pos / clip); keep the "
-                                      "default loss=ce there")
+                                      "with its own ASL (set multilabel.asl.gamma_neg / gamma_pos / clip); multi-label "
+                                      "data accepts loss=ce (that recipe), unidec, psl")
+        if cls in MULTILABEL:
+            from ssl_pipeline.multilabel.unidec import loss_settings
+
+            loss_settings(cfg)  # unknown or bad settings stop here
         return
+    if cls in MULTILABEL:
+        m = str(cfg.retrain.get("mode", "head"))
+        raise ConfigError("loss", f"loss={name} runs on multi-label data only (a Y matrix: data=embeddings with X, Y, "
+                                  "labeled; data=multilabel_csv; data=multilabel_demo); "
+                                  f"retrain={m} accepts loss={', '.join(accepted(m))}")
     mode = str(cfg.retrain.get("mode", "head"))
     if mode not in modes:
         why = f" ({WHY[cls]})" if cls in WHY else ""

@@ -34,10 +34,9 @@ class Retrain(Stage):
 
     def key(self, ctx: Context) -> str:
         if ctx.table.multilabel:
-            from ssl_pipeline.multilabel.settings import settings
+            from ssl_pipeline.multilabel.recipe import retrain_key_config
 
-            return ctx.cache.key("retrain", {"multilabel": settings(ctx.cfg), "seed": int(ctx.cfg.seed)},
-                                 ctx.key_of("pseudolabel"))
+            return ctx.cache.key("retrain", retrain_key_config(ctx.cfg), ctx.key_of("pseudolabel"))
         from ssl_pipeline.stages.retrain import key_config
 
         return ctx.cache.key("retrain", key_config(ctx.cfg), ctx.key_of("pseudolabel"))
