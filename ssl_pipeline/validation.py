@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from ssl_pipeline.errors import ConfigError
 
 DEFAULTS = {"folds": 5, "kfold_below": 500, "fraction": 0.2, "multilabel_folds": 1, "retrain_folds": 1,
-            "max_rows": 50_000, "seed": 0}
+            "max_rows": 20_000, "seed": 0}
 
 
 def settings(cfg: DictConfig) -> dict:
