@@ -26,7 +26,8 @@ Rules (every constant is generic; nothing is chosen per data set)
    k-neighbourhood leads to a wrong label. ``k_`` is the *smallest* k whose
    ``delta_k`` is within one standard error of the best (the one-SE rule;
    delta_k is non-decreasing in k in theory, and the estimate is noisy with few
-   labels). With one label per class nothing can be left out: ``k_ =
+   labels). The grid is scanned upwards and stops at the first k two standard errors worse than the
+   best so far (the largest k cost the most to solve). With one label per class nothing can be left out: ``k_ =
    k_default`` (5, the smallest grid value; at most a quarter of the mean class
    size, at least 3) and ``delta_k_`` is estimated from the
    final labeling (share of rows whose ``k_`` neighbours do not all carry their
