@@ -12,11 +12,13 @@ BENCHMARKS.md's), for every set and shot count; nothing is validated per set.
 - ``bd_cspn``: Liu et al. 2020, cross-class bias shift of the queries, prototypes rectified with the
   8 most confident queries per class (softmax weights, eps 10).
 - ``laplacian_shot``: Ziko et al. 2020, rectified prototypes (as BD-CSPN), unary = squared distance,
-  3-NN Laplacian among the queries, lambda 0.7, 20 bound updates.
+  3-NN Laplacian among the queries (symmetric: the gradient of the pairwise term is (W + W^T) Y),
+  lambda 0.7, 20 bound updates.
 - ``tim``: Boudiaf et al. 2020 TIM-GD, centred + L2 features, prototype init, tau 15,
   loss 0.1 CE(shots) - (H(Y_q) - 0.1 H(Y_q | X_q)), Adam lr 1e-4, 1000 steps.
-- ``pt_map``: PT-MAP-style MAP with Sinkhorn-balanced soft assignments (lambda 10, 30 steps, prototype
-  update rate alpha 0.2), centred + L2 features, no power transform (CLIP features are signed).
+- ``pt_map``: PT-MAP-style MAP with Sinkhorn-balanced soft assignments (lambda 10, 30 Sinkhorn steps,
+  20 prototype updates at rate alpha 0.2, as in Hu et al. 2021), centred + L2 features, no power
+  transform (CLIP features are signed).
 - text-aware: ``zero_shot`` (argmax X @ text.T) and ``tim_text`` (TransCLIP-style: TIM whose weights
   start at normalise(shot mean) + text, with a KL term pulling every query's posterior towards the
   zero-shot posterior softmax(100 X @ text.T)).
@@ -155,6 +157,7 @@ def laplacian_shot(X: NDArray, y: NDArray, text: NDArray | None = None, knn: int
     _, idx = _knn(Xq, knn)
     W = sp.csr_matrix((np.ones(idx.size, np.float32), (np.repeat(np.arange(len(q)), knn), idx.ravel())),
                       shape=(len(q), len(q)))
+    W = (W + W.T).tocsr()  # the Laplacian term sum_pq w_pq ||y_p - y_q||^2 differentiates to (W + W^T) Y
     Yq = _softmax(-A)
     for _ in range(n_iter):  # bound updates: Y = softmax(-a + lambda W Y)
         Yq = _softmax(-A + lam * (W @ Yq))
@@ -210,8 +213,8 @@ def tim(X: NDArray, y: NDArray, text: NDArray | None = None, tau: float = 15.0, 
     return _out(_tim_run(Xc, y, _means(Xc, y, C), tau, n_iter, lr, None), y)
 
 
-def pt_map(X: NDArray, y: NDArray, text: NDArray | None = None, lam: float = 10.0, n_iter: int = 30,
-           alpha: float = 0.2, centre: bool = True) -> tuple[NDArray, NDArray]:
+def pt_map(X: NDArray, y: NDArray, text: NDArray | None = None, lam: float = 10.0, n_iter: int = 20,
+           alpha: float = 0.2, centre: bool = True, sinkhorn_iter: int = 30) -> tuple[NDArray, NDArray]:
     C = int(y.max()) + 1
     Xc = _centred(X) if centre else X
     lab, q = np.flatnonzero(y >= 0), np.flatnonzero(y < 0)
@@ -223,7 +226,7 @@ def pt_map(X: NDArray, y: NDArray, text: NDArray | None = None, lam: float = 10.
     for _ in range(n_iter):
         D = (Xq ** 2).sum(1)[:, None] - 2 * Xq @ M.T + (M ** 2).sum(1)[None, :]
         Pq = np.exp(-lam * (D - D.min(axis=1, keepdims=True)))
-        for _ in range(50):  # Sinkhorn: rows sum to 1, columns to len(q) / C
+        for _ in range(sinkhorn_iter):  # Sinkhorn: rows sum to 1, columns to len(q) / C
             Pq *= (col / np.maximum(Pq.sum(axis=0), 1e-30))[None, :]
             Pq /= np.maximum(Pq.sum(axis=1, keepdims=True), 1e-30)
         R = np.concatenate([Ys, Pq])

@@ -26,7 +26,8 @@ Rules (every constant is generic; nothing is chosen per data set)
    k-neighbourhood leads to a wrong label. ``k_`` is the *smallest* k whose
    ``delta_k`` is within one standard error of the best (the one-SE rule;
    delta_k is non-decreasing in k in theory, and the estimate is noisy with few
-   labels). With one label per class nothing can be left out: ``k_ =
+   labels). The grid is scanned upwards and stops at the first k two standard errors worse than the
+   best so far (the largest k cost the most to solve). With one label per class nothing can be left out: ``k_ =
    k_default`` (5, the smallest grid value; at most a quarter of the mean class
    size, at least 3) and ``delta_k_`` is estimated from the
    final labeling (share of rows whose ``k_`` neighbours do not all carry their
@@ -96,7 +97,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import scipy.sparse as sp
 from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
@@ -435,10 +435,14 @@ class HDL(_Choices, BaseLabeler):
         same = nb == pos[:, None]
         tot = w.sum(axis=1)
         self.agreement_ = np.where(tot > 0, (w * same).sum(axis=1) / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
-        r = np.repeat(np.arange(len(pos)), idx.shape[1])
-        keep = valid.ravel()
-        votes = sp.csr_matrix((w.ravel()[keep], (r[keep], nb.ravel()[keep])), shape=(len(pos), len(self.classes_)))
-        majority = np.asarray(votes.argmax(axis=1)).ravel()
+        # weighted majority of the neighbours' labels: each neighbour's class scored by the weight of the
+        # neighbours sharing it (O(N k^2), no N x C array); ties go to the class of the nearest neighbour
+        wv = np.where(valid, w, 0.0).astype(np.float32)
+        score = np.zeros(nb.shape, np.float32)
+        for j in range(nb.shape[1]):
+            score += wv[:, j:j + 1] * (nb == nb[:, j:j + 1])
+        score[~valid] = -1.0
+        majority = nb[np.arange(len(pos)), np.argmax(score, axis=1)]
         self.noise_ = (tot > 0) & (majority != pos) & (self.agreement_ < 0.5)
         if not self.k_scores_:
             self.delta_k_ = float(np.mean(~(same | ~valid).all(axis=1)))
