@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import blobs, make_config
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["adapt.epochs=3", "adapt.batch_size=64", "adapt.hidden=32"]
+FAST = ["adapt.epochs=3", "adapt.batch_size=64", "adapt.hidden=32", "val.folds=0"]
 
 
 def _run(tmp_path: Path, *ov: str, run: str = "run") -> dict:
@@ -75,6 +75,17 @@ def test_adapt_simcse_pp_is_cached_and_the_labelers_see_the_adapted_space(tmp_pa
     # another adapter setting is another artifact
     _run(tmp_path, *ov, "adapt.seed=1", run="seed1")
     assert _arts(tmp_path, "seed1")["adapt"] != arts["adapt"]
+
+
+def test_loss_simcse_pp_is_refused_in_retrain_and_points_to_adapt(tmp_path, embeddings_file):
+    from ssl_pipeline import pipeline
+    from ssl_pipeline.errors import ConfigError
+
+    cfg = make_config("data=embeddings", f"data.path={embeddings_file}", "loss=simcse_pp",
+                      cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError) as e:
+        pipeline.run(cfg, tmp_path / "run")
+    assert e.value.key == "loss" and "adapt=simcse_pp" in str(e.value)
 
 
 def test_adapt_refuses_multilabel_data_with_one_line(tmp_path):
