@@ -1,4 +1,4 @@
-"""Run the stages encode -> cluster -> pseudolabel -> retrain -> report up to ``cfg.stage``.
+"""Run the stages encode -> (adapt) -> cluster -> pseudolabel -> retrain -> report up to ``cfg.stage``.
 
 Every stage is one object of :data:`REGISTRY` with the contract of
 :mod:`ssl_pipeline.stages.base` (``key(ctx)``, ``run(ctx) -> StageResult``), the
@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from ssl_pipeline.artifacts import ArtifactCache
 from ssl_pipeline.data.sources import build_table
 from ssl_pipeline.errors import ConfigError
+from ssl_pipeline.stages.adapt import Adapt
 from ssl_pipeline.stages.base import Context, Stage, write_run_files
 from ssl_pipeline.stages.cluster import Cluster
 from ssl_pipeline.stages.encode import Encode
@@ -29,7 +30,7 @@ from ssl_pipeline.stages.retrain_stage import Retrain
 
 log = logging.getLogger(__name__)
 
-REGISTRY: list[Stage] = [Encode(), Cluster(), Pseudolabel(), Retrain(), Report()]
+REGISTRY: list[Stage] = [Encode(), Adapt(), Cluster(), Pseudolabel(), Retrain(), Report()]
 STAGES = [s.name for s in REGISTRY]
 
 

@@ -129,6 +129,6 @@ def test_cli_exits_nonzero_with_one_line_naming_the_key(tmp_path, image_root):
 def test_every_stage_has_the_same_contract():
     from ssl_pipeline.stages.base import Stage
 
-    assert pipeline.STAGES == ["encode", "cluster", "pseudolabel", "retrain", "report"]
+    assert pipeline.STAGES == ["encode", "adapt", "cluster", "pseudolabel", "retrain", "report"]
     for stage in pipeline.REGISTRY:
         assert isinstance(stage, Stage) and callable(stage.key) and callable(stage.run)

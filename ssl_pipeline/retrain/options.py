@@ -37,7 +37,8 @@ FITS = {
 }
 MULTILABEL = {"PSLLoss": "psl", "UniDECLoss": "unidec"}  # dual-encoder losses of the multi-label retrain
 WHY = {
-    "SimCSEPPLoss": "an unlabeled two-view (dropout) embedding objective; the retrain modes train classifiers",
+    "SimCSEPPLoss": "an unlabeled two-view (dropout) embedding objective; the retrain modes train classifiers; "
+                    "adapt=simcse_pp trains it on the frozen embeddings before cluster/pseudolabel",
     "PSLLoss": "a multi-label retrieval loss over label embeddings (pick-some-labels); no retrain mode here has a "
                "label tower",
     "UniDECLoss": "a multi-label dual-encoder + classifier loss; no retrain mode here has a label tower",

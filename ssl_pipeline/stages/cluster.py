@@ -65,11 +65,12 @@ class Cluster(CachedStage):
 
     def key(self, ctx: Context) -> str:
         pos = graph_rows(ctx.table, ctx.state["store"])
+        upstream = ctx.key_of("adapt") if "adapt" in ctx.results else ctx.key_of("encode")  # adapt=none: encode
         return ctx.cache.key("cluster", {"cfg": OmegaConf.to_container(ctx.cfg.cluster, resolve=True),
-                                         "rows": array_hash(pos)}, ctx.key_of("encode"))
+                                         "rows": array_hash(pos)}, upstream)
 
     def build(self, ctx: Context, out: Path) -> dict:
-        store = ctx.state["store"]
+        store = ctx.state.get("label_store", ctx.state["store"])  # the adapt stage's space when adapt != none
         return build_graph(ctx.cfg.cluster, store, graph_rows(ctx.table, store), out)
 
 

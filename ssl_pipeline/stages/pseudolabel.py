@@ -58,7 +58,7 @@ def score(labels: np.ndarray, confidence: np.ndarray, y_true: np.ndarray, unlabe
 
 def class_text(ctx: Context) -> np.ndarray | None:
     """Class-name text embeddings (C, D), class order: the encode stage's (text tower) or the embeddings file's."""
-    text = ctx.state["store"].text_embeddings()
+    text = ctx.state.get("label_store", ctx.state["store"]).text_embeddings()
     return text if text is not None else ctx.table.meta.get("text")
 
 
@@ -188,7 +188,8 @@ class Pseudolabel(CachedStage):
             from ssl_pipeline.multilabel.recipe import build_pseudolabels
 
             return build_pseudolabels(ctx, out)
-        cfg, table, store, cluster_dir = ctx.cfg, ctx.table, ctx.state["store"], ctx.path("cluster")
+        cfg, table, cluster_dir = ctx.cfg, ctx.table, ctx.path("cluster")
+        store = ctx.state.get("label_store", ctx.state["store"])  # the adapted space when adapt != none
         rows = np.load(cluster_dir / "rows.npy")
         y = table.y[rows]
         labeled = y >= 0
