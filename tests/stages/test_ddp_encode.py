@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -28,13 +27,11 @@ def test_two_processes_give_the_same_embeddings_as_one(tmp_path, image_root):
     # one process through Trainer.predict
     predict_writer.main(["--out", str(tmp_path / "one"), *ov])
     # two processes: strategy=ddp re-launches this command for rank 1; each rank writes its own shards
-    t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "ssl_pipeline.stages.predict_writer", "--out", str(tmp_path / "two"),
                         *ov, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "encoded 42 images" in p.stdout, p.stdout[-2000:]
-    seconds = time.perf_counter() - t
     one, two = tmp_path / "one" / "shards", tmp_path / "two" / "shards"
     assert shard_files(loop) == shard_files(one) == shard_files(two)
     assert len(shard_files(two)) == 3 * 6  # 42 rows / 8 per shard = 6 shards: emb_, rows_, skip_
@@ -45,4 +42,3 @@ def test_two_processes_give_the_same_embeddings_as_one(tmp_path, image_root):
             np.testing.assert_array_equal(a, c, err_msg=name)
         else:
             assert (loop / name).read_text() == (two / name).read_text()
-    assert seconds < 120
