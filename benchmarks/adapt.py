@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import markdown_table, write_json  # noqa: E402
+from benchmarks.common import limit_threads, markdown_table, print_results_table, write_json  # noqa: E402
 from benchmarks.labelers import load, split  # noqa: E402
 from benchmarks.peers import IMAGE_PEERS  # noqa: E402
 from ssl_pipeline.adapt import SimCSEPPAdapter  # noqa: E402
@@ -108,17 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="BLAS / torch threads (0: library default)")
     args = ap.parse_args(argv)
     if args.table:
-        if not args.out.is_file():
-            print(f"no results file {args.out}: run the benchmark first", file=sys.stderr)
-            return 1
-        print(tables(json.loads(args.out.read_text())))
-        return 0
-    if args.threads > 0:
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=args.threads, user_api="blas")
-        torch.set_num_threads(args.threads)
+        return print_results_table(args.out, tables)
+    limit_threads(args.threads)
     warnings.filterwarnings("ignore")
     folder = args.data / "clip_vitb32"
     if not folder.is_dir():

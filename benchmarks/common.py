@@ -32,3 +32,23 @@ def write_json(path: str | Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
+
+
+def print_results_table(out: Path, tables) -> int:
+    """``--table``: print ``tables(results)`` of the results file ``out``; 1 (with a message) when it is missing."""
+    if not Path(out).is_file():
+        print(f"no results file {out}: run the benchmark first", file=sys.stderr)
+        return 1
+    print(tables(json.loads(Path(out).read_text())))
+    return 0
+
+
+def limit_threads(n: int) -> None:
+    """BLAS and torch threads for every method of a benchmark (``n`` <= 0: the libraries' defaults)."""
+    if n <= 0:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n, user_api="blas")
+    torch.set_num_threads(n)

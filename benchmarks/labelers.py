@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import limit_threads, print_results_table  # noqa: E402
 from benchmarks.peers import IMAGE_PEERS, TEXT_PEERS  # noqa: E402
 from ssl_pipeline.labeling.calibration import expected_calibration_error  # noqa: E402
 from ssl_pipeline.labeling.hdl import HDL  # noqa: E402
@@ -167,18 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="BLAS threads for every method (1 avoids OpenBLAS stalls on busy machines; 0: default)")
     args = ap.parse_args(argv)
     if args.table:
-        if not args.out.is_file():
-            print(f"no results file {args.out}: run the benchmark first", file=sys.stderr)
-            return 1
-        print(tables(json.loads(args.out.read_text())))
-        return 0
-    if args.blas_threads > 0:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=args.blas_threads, user_api="blas")
-        import torch
-
-        torch.set_num_threads(args.blas_threads)
+        return print_results_table(args.out, tables)
+    limit_threads(args.blas_threads)
     warnings.filterwarnings("ignore")
 
     folder = args.data / "clip_vitb32"

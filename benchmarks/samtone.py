@@ -20,7 +20,6 @@ On a GPU: add ``--override trainer=gpu`` (the heads are small; the CPU is enough
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import markdown_table, write_json  # noqa: E402
+from benchmarks.common import markdown_table, print_results_table, write_json  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 LOSSES = ("ce", "samtone")
@@ -99,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", action="store_true", help="only print the markdown table of --out")
     args = ap.parse_args(argv)
     if args.table:
-        if not args.out.is_file():
-            print(f"no results file {args.out}: run the benchmark first", file=sys.stderr)
-            return 1
-        print(tables(json.loads(args.out.read_text())))
-        return 0
+        return print_results_table(args.out, tables)
     warnings.filterwarnings("ignore")
     logging.getLogger("ssl_pipeline").setLevel(logging.WARNING)
     folder = args.data / "clip_vitb32"
