@@ -29,7 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import limit_threads, markdown_table, print_results_table, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    embedding_sets,
+    limit_threads,
+    markdown_table,
+    print_results_table,
+    write_json,
+)
 from benchmarks.labelers import load, split  # noqa: E402
 from benchmarks.peers import IMAGE_PEERS  # noqa: E402
 from ssl_pipeline.adapt import SimCSEPPAdapter  # noqa: E402
@@ -111,13 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_results_table(args.out, tables)
     limit_threads(args.threads)
     warnings.filterwarnings("ignore")
-    folder = args.data / "clip_vitb32"
-    if not folder.is_dir():
-        print(f"skipped: no embeddings folder {folder} (pass --data DIR holding clip_vitb32/)")
+    files = embedding_sets(args.data, args.sets)
+    if files is None:
         return 0
-    files = sorted(folder.glob("*.npz"))
-    if args.sets:
-        files = [f for s in args.sets for f in files if f.stem == s]
     result = {"protocol": "BENCHMARKS.md section 1", "seeds": args.seeds, "settings": args.settings, "sets": {}}
     for f in files:
         X, y, _ = load(f)

@@ -52,3 +52,14 @@ def limit_threads(n: int) -> None:
 
     threadpool_limits(limits=n, user_api="blas")
     torch.set_num_threads(n)
+
+
+def embedding_sets(data: Path, sets: list[str] | None = None) -> list[Path] | None:
+    """The shared CLIP embedding files ``data/clip_vitb32/*.npz`` (only ``sets``, in that order, when given);
+    None, after a "skipped" line, when the folder is absent."""
+    folder = Path(data) / "clip_vitb32"
+    if not folder.is_dir():
+        print(f"skipped: no embeddings folder {folder} (pass --data DIR holding clip_vitb32/)")
+        return None
+    files = sorted(folder.glob("*.npz"))
+    return [f for s in sets for f in files if f.stem == s] if sets else files

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import markdown_table, print_results_table, write_json  # noqa: E402
+from benchmarks.common import embedding_sets, markdown_table, print_results_table, write_json  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 LOSSES = ("ce", "samtone")
@@ -101,13 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_results_table(args.out, tables)
     warnings.filterwarnings("ignore")
     logging.getLogger("ssl_pipeline").setLevel(logging.WARNING)
-    folder = args.data / "clip_vitb32"
-    if not folder.is_dir():
-        print(f"skipped: no embeddings folder {folder} (pass --data DIR holding clip_vitb32/)")
+    files = embedding_sets(args.data, args.sets)
+    if files is None:
         return 0
-    files = sorted(folder.glob("*.npz"))
-    if args.sets:
-        files = [f for s in args.sets for f in files if f.stem == s]
     result = {"seeds": args.seeds, "labels": args.labels, "steps": args.steps, "overrides": args.override,
               "cells": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,7 +53,7 @@ def _refused(tmp_path, key: str, *ov: str) -> str:
 
 
 HEAD = ["retrain.steps=20", "stage=retrain"]
-RUNS_IN = {"head": {"ce", "asl", "samtone"}, "finetune": {"ce", "asl"}}
+RUNS_IN = {"head": {"ce", "asl", "samtone"}, "finetune": {"ce", "asl", "samtone", "simcse_pp"}}
 
 
 @pytest.mark.parametrize("option", GROUPS["loss"])
@@ -78,7 +78,7 @@ def test_every_loss_runs_in_finetune_or_is_refused_at_once(tmp_path, image_root,
         assert "retrain/test_accuracy" in m and m["retrain/mode"] == "finetune"
     else:
         msg = _refused(tmp_path, "loss", *ov)
-        assert "retrain=finetune accepts loss=ce, asl" in msg
+        assert "retrain=finetune accepts loss=ce, asl, samtone, simcse_pp" in msg
 
 
 def test_losses_are_refused_on_multilabel_data(tmp_path):

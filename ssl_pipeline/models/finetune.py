@@ -313,8 +313,10 @@ def init_head_from_prototypes(net: FinetuneNet, feats: torch.Tensor, labels: tor
 
     Starting from the nearest-class-mean classifier makes the first steps useful with few labels.
     """
+    from ssl_pipeline.models.heads import CosineHead
+
     head = net.head
-    lin = head if not isinstance(head, nn.Sequential) else [m for m in head if isinstance(m, nn.Linear)]
+    lin = head if not isinstance(head, nn.Sequential) else [m for m in head if isinstance(m, (nn.Linear, CosineHead))]
     if isinstance(lin, list):
         if len(lin) != 1:
             return  # mlp: keep the random init

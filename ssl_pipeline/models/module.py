@@ -153,16 +153,26 @@ class FinetuneModule(L.LightningModule):
     in the checkpoint: a run resumed from a checkpoint replays the remaining steps exactly.
 
     ``opt`` keys: steps, batch_size, labeled_fraction, unlabeled_batch, lr, backbone_lr,
-    weight_decay, layer_decay, warmup, ema, consistency_weight, threshold, num_workers.
+    weight_decay, layer_decay, warmup, ema, consistency_weight, threshold, num_workers, simcse_weight,
+    simcse_dropout.
+
+    ``loss`` SamToNe (``loss=samtone``): the supervised images' embeddings against their rows of the class
+    table (the cosine head's weights), same-class pairs out of the negatives, weighted per sample.
+    ``unsup`` (``loss=simcse_pp``): a :class:`~ssl_pipeline.models.contrastive.SimCSEPPLoss` on the unlabeled
+    images: ``z1, z2`` = the weak and the strong view's embedding, each through dropout ``simcse_dropout``;
+    negatives from the dropout-off pass of the weak views (the tower's own dropout off too); the term is
+    added with weight ``simcse_weight``.
     """
 
     def __init__(self, net, train_items, train_set, opt: dict, loss=None, seed: int = 0, phase: str = "",
-                 cached: bool = False, val_loader=None):
+                 cached: bool = False, val_loader=None, unsup=None):
         super().__init__()
         self.net = net
         self.train_items, self.train_set = train_items, train_set
         self.opt = dict(opt)
         self.loss_fn = loss or weighted_ce
+        self.kind = loss_kind(self.loss_fn)
+        self.unsup = unsup
         self.seed, self.phase, self.cached = int(seed), phase, cached
         self._val_loader = val_loader
         self._ema: dict[str, torch.Tensor] | None = None
@@ -181,7 +191,8 @@ class FinetuneModule(L.LightningModule):
             raise ConfigError("retrain.batch_size", f"must be a multiple of the {world} processes, got {bs}")
         b = bs // world
         n_lab = min(b, max(1, round(b * float(self.opt.get("labeled_fraction", 0.25)))))
-        n_unl = int(self.opt.get("unlabeled_batch", 0)) // world if self.opt.get("consistency_weight", 0) else 0
+        uses_unl = self.opt.get("consistency_weight", 0) or (self.unsup is not None and self.opt.get("simcse_weight"))
+        n_unl = int(self.opt.get("unlabeled_batch", 0)) // world if uses_unl else 0
         sampler = StepBatchSampler(self.train_set, int(self.opt["steps"]), n_lab, b - n_lab, n_unl, self.seed,
                                    start=self.trainer.global_step, rank=rank, world=world)
         nw = int(self.opt.get("num_workers", 0))
@@ -204,15 +215,38 @@ class FinetuneModule(L.LightningModule):
         # weighted mean over the global batch (DDP averages the ranks' gradients)
         return ddp_weighted(self, supervised_loss(self.loss_fn, loss_kind(self.loss_fn), logits, y, w), w)
 
+    def _contrastive_loss(self, e, y, w, q=None):
+        """SamToNe: embeddings e (B, D) vs their class rows; soft targets weight each pair by q's mass on y."""
+        if q is not None:
+            w = w * q.gather(1, y[:, None]).squeeze(1)
+        table = nn.functional.normalize(self.net.head[-1].weight, dim=-1)
+        loss = self.loss_fn(e, table[y], pos_mask=y[:, None] == y[None, :], weight=w)
+        return ddp_weighted(self, loss, w)
+
+    def _simcse_loss(self, x_weak, e_weak, e_strong):
+        """SimCSE++ on the unlabeled images: (weak, strong) views through dropout, off-dropout weak pass negatives."""
+        from ssl_pipeline.models.contrastive import _is_dropout_like, off_dropout
+
+        p = float(self.opt.get("simcse_dropout", 0.0))
+        z1 = nn.functional.dropout(e_weak, p, training=True)
+        z2 = nn.functional.dropout(e_strong, p, training=True)
+        if any(_is_dropout_like(m) and m.training for m in self.net.modules()):
+            with off_dropout(self.net):  # the tower's own dropout off as well
+                z_neg = self.net.embed(x_weak, cached=self.cached)
+        else:  # no dropout inside the tower: its pass is already the dropout-off one
+            z_neg = e_weak
+        return self.unsup(z1, z2, z_neg)
+
     def training_step(self, batch, batch_idx):
         x, y, w, code = batch[:4]
-        logits = self(x)
+        e = self.net.embed(x, cached=self.cached)
+        logits = self.net.head(e)
         sup = code < 10
-        if len(batch) > 4:  # soft targets: cross-entropy against a distribution, weighted like the hard loss
-            q = batch[4][sup]
-            loss = self._sup_loss(logits[sup], q, w[sup])
+        q = batch[4][sup] if len(batch) > 4 else None  # soft targets: CE against a distribution
+        if self.kind == "contrastive":
+            loss = self._contrastive_loss(e[sup], y[sup], w[sup], q)
         else:
-            loss = self._sup_loss(logits[sup], y[sup], w[sup])
+            loss = self._sup_loss(logits[sup], q if q is not None else y[sup], w[sup])
         pseudo = code == 1
         self.log("train/loss_sup", loss.detach(), on_step=True, on_epoch=False)
         self.log("pseudo/weight_mean", w[pseudo].mean() if pseudo.any() else torch.zeros(()), on_step=True,
@@ -229,6 +263,11 @@ class FinetuneModule(L.LightningModule):
             loss = loss + lam * loss_u
             self.log("train/loss_unlabeled", loss_u.detach(), on_step=True, on_epoch=False)
             self.log("train/mask_rate", mask.mean(), on_step=True, on_epoch=False)
+        mu = float(self.opt.get("simcse_weight", 0.0))
+        if self.unsup is not None and mu > 0 and int(weak.sum()) >= 2:
+            loss_s = self._simcse_loss(x[weak], e[weak], e[strong])
+            loss = loss + mu * loss_s
+            self.log("train/loss_simcse", loss_s.detach(), on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 

@@ -128,9 +128,18 @@ class AlignmentHead(nn.Module):
         return v, q, att, g
 
     def forward(self, tokens: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        v, q, _, g = self.features(tokens, keep)
-        v = self.drop(v)
-        cos = nn.functional.cosine_similarity(v, q[None], dim=-1)      # (B, C)
+        if tokens.shape[1] == 1:
+            # one token per image (pooled embeddings): every v_k is that token's z, so the alignment is a cosine
+            # classifier, computed as one (B, h) x (h, C) product instead of a (B, C, h) tensor (same scores
+            # in eval; in training the dropout mask on z is shared by the C classes)
+            z = self.proj(self.norm(tokens[:, 0].float()))              # (B, h)
+            q = self.proj(self.norm(self.class_embed))                  # (C, h)
+            cos = nn.functional.normalize(self.drop(z), dim=-1) @ nn.functional.normalize(q, dim=-1).T
+            g = z
+        else:
+            v, q, _, g = self.features(tokens, keep)
+            v = self.drop(v)
+            cos = nn.functional.cosine_similarity(v, q[None], dim=-1)  # (B, C)
         logits = self.log_gamma.exp().clamp(max=100.0) * cos + self.bias
         if self.glob is not None:
             x = tokens.float()

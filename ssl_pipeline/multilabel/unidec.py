@@ -7,7 +7,10 @@ Model (:class:`DualEncoder`), on the pooled embeddings x (B, D) of the encode st
   initialised from the class-name embeddings ``text`` when given, else from the labeled class means
   (mean of the labeled positives of each label, normalised): ``s_de = cos(q, E_l) / tau_de``;
 * classifier head ``h = B z`` against one weight row per label ``W`` (C, D), initialised to
-  ``scale * normalize(E)``: ``s_clf = <h, W_l> / tau_clf``.
+  ``scale * normalize(E)``: with ``clf_cosine`` (default) a cosine classifier,
+  ``s_clf = cos(h, W_l) / tau_clf``, else ``s_clf = <h, W_l> / tau_clf``. The cosine form puts both
+  heads on one scale (measured on the 202-label mosaics, seed 0: fused macro mAP 0.342 -> 0.405 with
+  tau_clf 0.05, the unnormalised classifier alone 0.26 and dragging the fused score below the DE head's).
 
 A, B start as the identity, so at step 0 the DE head is zero-shot (text) or nearest-class-mean scoring.
 Training (:func:`train_dual_encoder`): ``UniDECLoss`` = PSL(DE) + lam * PSL(classifier) over one shared
@@ -40,7 +43,8 @@ log = logging.getLogger(__name__)
 # training settings read from the loss group beside the loss's own arguments (conf/loss/{unidec,psl}.yaml)
 TRAIN_DEFAULTS: dict = {"steps": 600, "lr": 2.0e-3, "weight_decay": 1.0e-4, "batch_labeled": 64,
                         "batch_unlabeled": 128, "unlabeled_weight": 1.0, "hidden": 512, "dropout": 0.1,
-                        "n_neg": 32, "n_per_query": 4, "refresh_every": 100, "exclude_top": 0, "clf_scale": 10.0}
+                        "n_neg": 32, "n_per_query": 4, "refresh_every": 100, "exclude_top": 0, "clf_scale": 10.0,
+                        "clf_cosine": True}
 
 
 def loss_settings(cfg: DictConfig) -> tuple[str, dict, dict]:
@@ -83,8 +87,10 @@ class DualEncoder(nn.Module):
     Shapes: x (B, D) -> q_de (B, D) unit rows, h_clf (B, D); label_de() (C, D) unit rows; W (C, D).
     """
 
-    def __init__(self, label_emb: np.ndarray, hidden: int = 512, dropout: float = 0.1, clf_scale: float = 10.0):
+    def __init__(self, label_emb: np.ndarray, hidden: int = 512, dropout: float = 0.1, clf_scale: float = 10.0,
+                 clf_cosine: bool = False):
         super().__init__()
+        self.clf_cosine = bool(clf_cosine)
         C, D = label_emb.shape
         self.mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, D))
@@ -101,10 +107,15 @@ class DualEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = x.float() + self.mlp(x.float())
-        return F.normalize(self.de(z), dim=-1), self.clf(z)
+        h = self.clf(z)
+        return F.normalize(self.de(z), dim=-1), F.normalize(h, dim=-1) if self.clf_cosine else h
 
     def label_de(self) -> Tensor:
         return F.normalize(self.E, dim=-1)
+
+    def label_clf(self) -> Tensor:
+        """(C, D) classifier rows: ``W``, or its unit rows with ``clf_cosine`` (a cosine classifier)."""
+        return F.normalize(self.W, dim=-1) if self.clf_cosine else self.W
 
 
 def _positives(Y: np.ndarray) -> list[np.ndarray]:
@@ -116,7 +127,7 @@ def scores(model: DualEncoder, X: np.ndarray, tau_de: float, tau_clf: float, use
            batch: int = 4096) -> dict[str, np.ndarray]:
     """{"fused", "de", "clf"} scores (n, C) float32 of embeddings ``X`` (n, D)."""
     model.eval()
-    E, W = model.label_de(), model.W
+    E, W = model.label_de(), model.label_clf()
     de, clf = [], []
     for s in range(0, len(X), batch):
         q, h = model(torch.as_tensor(np.asarray(X[s:s + batch], np.float32)))
@@ -143,7 +154,7 @@ def train_dual_encoder(X_lab: np.ndarray, Y_lab: np.ndarray, X_unl: np.ndarray |
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     E0, init = label_init(X_lab, Y_lab, text)
-    model = DualEncoder(E0, int(s["hidden"]), float(s["dropout"]), float(s["clf_scale"]))
+    model = DualEncoder(E0, int(s["hidden"]), float(s["dropout"]), float(s["clf_scale"]), bool(s["clf_cosine"]))
     if name == "psl":
         loss_fn = UniDECLoss(lam=0.0, tau_de=float(kwargs.get("tau", 0.05)),
                              max_pos_per_query=kwargs.get("max_pos_per_query"),
@@ -173,7 +184,7 @@ def train_dual_encoder(X_lab: np.ndarray, Y_lab: np.ndarray, X_unl: np.ndarray |
         pool_t = torch.as_tensor(pool)
         q, h = model(X[torch.as_tensor(idx)])
         ignore = None if ign_rows is None else ign_rows[torch.as_tensor(idx)][:, pool_t]
-        return loss_fn(q, model.label_de()[pool_t], torch.as_tensor(mask), h, pool_t, clf_weight=model.W,
+        return loss_fn(q, model.label_de()[pool_t], torch.as_tensor(mask), h, pool_t, clf_weight=model.label_clf(),
                        ignore=ignore)
 
     for step in range(steps):

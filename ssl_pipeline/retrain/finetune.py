@@ -59,7 +59,15 @@ class Finetuner:
         self.images = RowImages(table, self.backbone.image_size, int(rc.get("preload_max", 10000)))
         cons = rc.get("consistency", {}) or {}
         self.consistency = bool(cons.get("enabled", False))
-        self.loss = instantiate(cfg.loss) if "_target_" in cfg.loss else None
+        from ssl_pipeline.models.module import loss_kind
+        from ssl_pipeline.retrain.options import finetune_losses
+
+        self.loss, self.unsup = finetune_losses(cfg)
+        self.contrastive = self.loss is not None and loss_kind(self.loss) == "contrastive"
+        if self.contrastive and rc.get("head", "linear") == "mlp":
+            raise ConfigError("retrain.head", "loss=samtone trains the image embeddings against a class table and "
+                                              "predicts by cosine to it: use retrain.head=linear or cosine")
+        self.class_text = self._class_text(cfg) if self.contrastive else None
         self.extra_callbacks = [instantiate(c) for c in (rc.get("callbacks") or [])]
         self.plan = ResumePlan(rc.get("resume", False), self.root, key)
         probe = self.new_net()
@@ -76,19 +84,35 @@ class Finetuner:
         rc, t = self.rcfg, self.tower_cfg
         torch.manual_seed(mix_seed(self.seed, 17))
         net = FinetuneNet(copy.deepcopy(self.pristine), self.n_classes, self.backbone.embed_dim,
-                          head=rc.get("head", "linear"), hidden=int(rc.get("hidden", 512)),
+                          head="cosine" if self.contrastive else rc.get("head", "linear"),
+                          hidden=int(rc.get("hidden", 512)),
                           dropout=float(rc.get("dropout", 0.0)), train_mode=str(t.get("train", "partial")),
                           unfreeze_last=int(t.get("unfreeze_last", 2)))
         if init_from is not None:
             net.load_state_dict(init_from.state_dict())
         return net
 
+    def _class_text(self, cfg) -> torch.Tensor | None:
+        """(C, D) class-prompt embeddings of the backbone's text tower (``encode.text_templates`` averaged), or None
+        when it has no trained text tower, the classes have no names or the text space is not the image space."""
+        b, classes = self.backbone, list(self.table.classes)
+        if not (b.has_text and classes):
+            return None
+        templates = list(cfg.encode.get("text_templates", ["a photo of a {}."]))
+        prompts = [t.format(c.replace("_", " ")) for c in classes for t in templates]
+        with torch.no_grad():
+            T = b.encode_texts(prompts).reshape(len(classes), len(templates), -1).mean(1).cpu()
+        return torch.nn.functional.normalize(T, dim=-1) if T.shape[1] == b.embed_dim else None
+
     def opt(self) -> dict:
         rc, t = self.rcfg, self.tower_cfg
         cons = rc.get("consistency", {}) or {}
+        un = self.unsup or {}
         return {"steps": int(rc.steps), "batch_size": int(rc.batch_size),
                 "labeled_fraction": float(rc.get("labeled_fraction", 0.25)),
-                "unlabeled_batch": int(cons.get("unlabeled_batch", 64)),
+                "unlabeled_batch": int(cons.get("unlabeled_batch", 64)) if self.consistency
+                else int(un.get("unlabeled_batch", 0)),
+                "simcse_weight": float(un.get("weight", 0.0)), "simcse_dropout": float(un.get("dropout", 0.0)),
                 "consistency_weight": float(cons.get("weight", 1.0)) if self.consistency else 0.0,
                 "threshold": float(cons.get("threshold", 0.95)),
                 "lr": float(rc.lr), "backbone_lr": float(rc.get("backbone_lr", rc.lr)),
@@ -216,8 +240,15 @@ class Finetuner:
     def init_head(self, net, ts) -> None:
         from ssl_pipeline.models.finetune import init_head_from_prototypes
 
-        if self.rcfg.get("head_init", "prototypes") != "prototypes":
+        if self.contrastive and self.class_text is not None:  # samtone: the class table starts at the prompts
+            with torch.no_grad():
+                net.head[-1].weight.copy_(self.class_text)
+            self.class_table = "text"
             return
+        if self.rcfg.get("head_init", "prototypes") != "prototypes":
+            self.class_table = "random"
+            return
+        self.class_table = "prototypes"
         lab = ~ts.is_pseudo
         if not lab.any():
             return
@@ -257,7 +288,8 @@ class Finetuner:
                 return torch.stack([x for _, x in b]), test_y[[i for i, _ in b]]
             val_loader = torch.utils.data.DataLoader(self.clean_items(self.test_rows), collate_fn=collate,
                                                      batch_size=int(self.rcfg.get("eval_batch_size", 256)))
-        module = FinetuneModule(net, items, ts, self.opt(), loss=self.loss, seed=self.seed, phase=phase,
+        module = FinetuneModule(net, items, ts, self.opt(), loss=self.loss,
+                                unsup=self.unsup["loss"] if self.unsup else None, seed=self.seed, phase=phase,
                                 cached=self.bank is not None, val_loader=val_loader)
         steps = int(self.rcfg.steps)
         every = max(1, int(self.rcfg.get("checkpoint_every", 50) or steps))
@@ -320,7 +352,7 @@ class Finetuner:
         g_conf = np.load(pl_dir / "confidence.npy").astype(np.float32)
         g_noise = np.load(pl_dir / "noise.npy")
         g_true = y_true[graph_rows]
-        unl_rows = graph_rows[~labeled] if self.consistency else np.zeros(0, np.int64)
+        unl_rows = graph_rows[~labeled] if (self.consistency or self.unsup) else np.zeros(0, np.int64)
         rows, labels, w, is_pseudo = select_training(graph_rows, g_labels, g_conf, labeled, g_noise, rc)
         metrics = {"retrain/mode": "finetune", "retrain/n_train": len(rows), "retrain/n_pseudo": int(is_pseudo.sum()),
                    "retrain/pseudo_weight_mean": float(w[is_pseudo].mean()) if is_pseudo.any() else 0.0,
@@ -402,6 +434,11 @@ class Finetuner:
             for k in [k for k in metrics if k.endswith("/test_accuracy")]:
                 del metrics[k]
         metrics["retrain/world_size"] = int(self.world_size)
+        if self.contrastive:
+            metrics["retrain/class_table"] = getattr(self, "class_table", "prototypes")
+        if self.unsup:
+            metrics["retrain/unlabeled_objective"] = "simcse_pp"
+            metrics["retrain/n_unlabeled"] = len(unl_rows)
         metrics["retrain/train_seconds"] = round(sum(self.fit_seconds.values()), 2)
         states["model.pt"] = prev.state_dict()
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
