@@ -52,17 +52,26 @@ RESULTS = Path(__file__).resolve().parent / "results" / "unidec_mosaics.json"
 SOURCES = ("caltech101", "oxford_flowers")
 
 
-def make_mosaics(data: Path, n_train: int, n_test: int, labeled_fraction: float, seed: int) -> dict:
-    """The embedding-mosaic arrays (X, Y, labeled, split, classes); see the module docstring."""
+def make_mosaics(data: Path, n_train: int, n_test: int, labeled_fraction: float, seed: int,
+                 sources: tuple[str, ...] = SOURCES, subdir: str = "clip_vitb32") -> dict:
+    """The embedding-mosaic arrays (X, Y, labeled, split, classes[, text]); see the module docstring.
+
+    ``sources``: embeddings files under ``data/subdir`` whose classes are concatenated (ids shifted); when every
+    source has ``text`` (C_s x D class-name embeddings, ../shared/data/clip_vitb32/text), the result has ``text``.
+    """
     from ssl_pipeline.data.multilabel import draw_labeled_fraction
 
     rng = np.random.default_rng(seed)
-    Xs, ys, off = [], [], 0
-    for name in SOURCES:
-        z = np.load(data / "clip_vitb32" / f"{name}.npz")
+    Xs, ys, texts, names, off = [], [], [], [], 0
+    for name in sources:
+        z = np.load(data / subdir / f"{name}.npz")
         Xs.append(z["X"].astype(np.float32))
         ys.append(z["y"].astype(np.int64) + off)
-        off = int(ys[-1].max()) + 1
+        n_c = int(z["y"].max()) + 1
+        texts.append(z["text"].astype(np.float32) if "text" in z.files else None)
+        cls = [str(c) for c in z["classes"]] if "classes" in z.files else [str(c) for c in range(n_c)]
+        names += [f"{name.split('_')[0]}_{c}" for c in cls]
+        off += n_c
     X, y = np.concatenate(Xs), np.concatenate(ys)
     C = off
     pools = {"train": [], "test": []}
@@ -84,8 +93,11 @@ def make_mosaics(data: Path, n_train: int, n_test: int, labeled_fraction: float,
             split.append(part)
     Y, split = np.stack(rows_Y), np.array(split)
     labeled = draw_labeled_fraction(Y, split == "train", labeled_fraction, seed)
-    classes = np.array([f"caltech_{c}" for c in range(100)] + [f"flower_{c}" for c in range(C - 100)])
-    return {"X": np.stack(rows_X).astype(np.float32), "Y": Y, "labeled": labeled, "split": split, "classes": classes}
+    out = {"X": np.stack(rows_X).astype(np.float32), "Y": Y, "labeled": labeled, "split": split,
+           "classes": np.array(names)}
+    if all(t is not None for t in texts):
+        out["text"] = np.concatenate(texts).astype(np.float32)
+    return out
 
 
 def run_pipeline(path: Path, cache: Path, out: Path, *extra: str) -> dict:

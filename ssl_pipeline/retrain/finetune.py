@@ -6,6 +6,11 @@ weak augmentation, optional FixMatch consistency on unlabeled images, optional w
 ``<run_dir>/retrain/<phase>/checkpoints``; ``retrain.resume=true`` (or a run directory / ``.ckpt``
 path) continues an interrupted run to the same final metrics (:mod:`ssl_pipeline.retrain.resume`).
 Runs on ``cfg.trainer`` (``trainer=ddp trainer.devices=N``: gloo on CPU).
+
+Objectives (``loss=``): ce / asl on the head's logits; samtone, the embeddings against a class table (the cosine
+head's rows, started at the text tower's class prompts when the backbone has one, else at the labeled class
+means); simcse_pp, CE plus the SimCSE++ term on the unlabeled images (:class:`~ssl_pipeline.models.module.
+FinetuneModule`).
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ class Finetuner:
         from ssl_pipeline.stages.predict_writer import predict_arrays
 
         V = int(self.tower_cfg.get("cache_views", 8))
-        S = V if self.consistency else 0
+        S = V if (self.consistency or self.unsup) else 0  # strong views: FixMatch, or SimCSE++ positives
         aug = OmegaConf.to_container(self.rcfg.get("augment", {}) or {}, resolve=True)
         bkey = self.cache.key("retrain_bank", {
             "encode": self.store.path.name, "backbone": OmegaConf.to_container(self.cfg.backbone, resolve=True),

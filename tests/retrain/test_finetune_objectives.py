@@ -35,10 +35,13 @@ def _logged(run: Path, phase: str) -> set[str]:
 
 
 def test_cli_finetune_simcse_pp_adds_the_unlabeled_objective(tmp_path, image_root):
-    m = _cli(tmp_path, image_root, "loss=simcse_pp", "loss.unlabeled_batch=4")
+    # unfreeze_last=1: a frozen prefix, so the view bank (weak and strong views) feeds the objective
+    m = _cli(tmp_path, image_root, "loss=simcse_pp", "loss.unlabeled_batch=4", "retrain.tower.unfreeze_last=1",
+             "retrain.tower.cache_views=2")
     m = m.get("metrics", m)
     assert m["retrain/mode"] == "finetune" and m["retrain/unlabeled_objective"] == "simcse_pp"
     assert m["retrain/n_unlabeled"] > 0 and 0.0 <= m["retrain/test_accuracy"] <= 1.0
+    assert m["retrain/cache_views"] == 2
     # the SimCSE++ term is computed (and logged) on the unlabeled images in the semi-supervised round
     assert "train/loss_simcse" in _logged(tmp_path / "run", "round1")
 
