@@ -218,8 +218,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
     Reads ``model.json`` and the safetensors files only (never unpickles); raises
     :class:`~ssl_pipeline.errors.DataError` naming the file when something is missing or corrupt.
     """
-    from omegaconf import OmegaConf
-
     from ssl_pipeline.models.heads import make_head
 
     path = Path(path).expanduser()
@@ -230,41 +228,62 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
     spec = doc["head"]
     hs = _tensors(path, HEAD_FILE, digests)
     C = len(doc["classes"])
-    head = make_head(spec["kind"], int(spec["in_dim"]), C, int(spec.get("hidden", 512)), 0.0)
-    try:
-        head.load_state_dict({k[len("head."):]: v for k, v in hs.items() if k.startswith("head.")})
-    except RuntimeError as e:
-        raise DataError(f"{path / HEAD_FILE}: does not fit a {spec['kind']} head {spec['in_dim']} -> {C} ({e})") from e
-    mean, std = (hs.get("feature_mean"), hs.get("feature_std")) if spec.get("standardize") else (None, None)
-    if spec.get("standardize") and (mean is None or std is None):
-        raise DataError(f"{path / HEAD_FILE}: standardisation tensors feature_mean / feature_std missing")
+    alignment = spec.get("kind") == "alignment"  # a multi-label alignment head on spatial tokens
+    head = mean = std = None
+    if not alignment:
+        head = make_head(spec["kind"], int(spec["in_dim"]), C, int(spec.get("hidden", 512)), 0.0)
+        try:
+            head.load_state_dict({k[len("head."):]: v for k, v in hs.items() if k.startswith("head.")})
+        except RuntimeError as e:
+            raise DataError(f"{path / HEAD_FILE}: does not fit a {spec['kind']} head {spec['in_dim']} -> {C} "
+                            f"({e})") from e
+        mean, std = (hs.get("feature_mean"), hs.get("feature_std")) if spec.get("standardize") else (None, None)
+        if spec.get("standardize") and (mean is None or std is None):
+            raise DataError(f"{path / HEAD_FILE}: standardisation tensors feature_mean / feature_std missing")
     visual, transform = None, None
     if doc["input"] == "images":
-        from ssl_pipeline.backbones import load_backbone
+        visual, transform = _tower(path, doc, digests, alignment)
+    if alignment:
+        from ssl_pipeline.model.multilabel import load_multilabel
 
-        has_tower = TOWER_FILE in digests
-        bcfg = OmegaConf.create(doc["backbone"])
-        quiet = [logging.getLogger("ssl_pipeline.backbones"), logging.getLogger()]
-        levels = [lg.level for lg in quiet]
-        if has_tower:  # the weights come from the file: no "randomly initialised" warnings for a null source
-            for lg in quiet:
-                lg.setLevel(logging.ERROR)
-        try:
-            backbone = load_backbone(bcfg, device="cpu")
-        finally:
-            for lg, lv in zip(quiet, levels):
-                lg.setLevel(lv)
-        visual = backbone.model.visual.to(memory_format=torch.channels_last)
-        if has_tower:
-            try:
-                visual.load_state_dict(_tensors(path, TOWER_FILE, digests))
-            except RuntimeError as e:
-                raise DataError(f"{path / TOWER_FILE}: does not fit the {doc['backbone'].get('model')} tower "
-                                f"({str(e)[:200]})") from e
-        _check_preprocess(doc, backbone.preprocess)
-        transform = backbone.preprocess
-        shrink = (doc.get("preprocessing") or {}).get("pre_shrink_min_side")
-        if shrink:
-            transform = Compose(PreShrink(int(shrink)), transform)
+        return load_multilabel(path, doc, hs, visual, transform).to(device).eval()
     model = ExportedModel(doc, visual, head, transform, mean, std)
     return model.to(device).eval()
+
+
+def _tower(path: Path, doc: dict, digests: dict, squash: bool):
+    """(image tower with its exported weights, eval transform) of an image model folder."""
+    from omegaconf import OmegaConf
+
+    from ssl_pipeline.backbones import load_backbone
+
+    has_tower = TOWER_FILE in digests
+    bcfg = OmegaConf.create(doc["backbone"])
+    quiet = [logging.getLogger("ssl_pipeline.backbones"), logging.getLogger()]
+    levels = [lg.level for lg in quiet]
+    if has_tower:  # the weights come from the file: no "randomly initialised" warnings for a null source
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+    try:
+        backbone = load_backbone(bcfg, device="cpu")
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
+    visual = backbone.model.visual.to(memory_format=torch.channels_last)
+    if has_tower:
+        try:
+            visual.load_state_dict(_tensors(path, TOWER_FILE, digests))
+        except RuntimeError as e:
+            raise DataError(f"{path / TOWER_FILE}: does not fit the {doc['backbone'].get('model')} tower "
+                            f"({str(e)[:200]})") from e
+    if squash:  # multi-label: resized to the token input size without a crop (the encode stage's transform)
+        from ssl_pipeline.multilabel.features import squash_transform
+
+        transform = squash_transform(backbone, int(doc["input_size"]))
+    else:
+        transform = backbone.preprocess
+    _check_preprocess(doc, transform)
+    shrink = (doc.get("preprocessing") or {}).get("pre_shrink_min_side")
+    if shrink:
+        transform = Compose(PreShrink(int(shrink)), transform)
+    return visual, transform

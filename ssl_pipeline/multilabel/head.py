@@ -87,7 +87,7 @@ class AlignmentHead(nn.Module):
         C = len(class_embed)
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, hidden)
-        e = torch.as_tensor(np.asarray(class_embed, np.float32))
+        e = torch.tensor(np.asarray(class_embed, np.float32))  # a copy: heads built from one array stay apart
         self.class_embed = nn.Parameter(e, requires_grad=learn_class_embed)
         self.log_beta = nn.Parameter(torch.tensor(math.log(1.0 / math.sqrt(hidden))))
         self.log_gamma = nn.Parameter(torch.tensor(math.log(10.0)))

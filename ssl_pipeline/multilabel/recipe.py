@@ -240,6 +240,44 @@ def build_retrain(ctx, out: Path) -> dict:
     return m
 
 
+def export_model_folder(ctx, metrics: dict) -> None:
+    """``<run dir>/model/`` of a multi-label retrain: the semi-supervised alignment head (the pseudolabel stage's
+    teacher), its token PCA, and per-class thresholds, the class-aware cut of its scores on the training images
+    (:func:`~ssl_pipeline.multilabel.thresholds.class_aware_pseudolabels` with the labeled frequencies, no band).
+    ``loss=unidec`` / ``psl`` (a dual encoder on pooled features) has no exporter yet: a warning says so."""
+    import json
+
+    from ssl_pipeline.model.multilabel import export_multilabel
+    from ssl_pipeline.multilabel.thresholds import class_aware_pseudolabels, class_frequencies
+    from ssl_pipeline.retrain.options import multilabel_loss
+
+    cfg, table = ctx.cfg, ctx.table
+    if multilabel_loss(cfg) is not None:
+        log.warning("retrain: the %s dual encoder is not exported (no model/ folder); the default multi-label "
+                    "recipe is", multilabel_loss(cfg))
+        return
+    s, seed = settings(cfg), int(cfg.seed)
+    pl_dir = ctx.path("pseudolabel")
+    semi = CSALabeler.load(pl_dir, s, seed)
+    feats = features_of(ctx.path("encode"), table)
+    arr = read_arrays(pl_dir, ("rows", "labeled"))
+    rows, labeled = arr["rows"], arr["labeled"].astype(bool)
+    pos = np.full(len(table), -1, np.int64)
+    pos[feats.rows] = np.arange(len(feats.rows))
+    Y = np.asarray(table.y_true).astype(np.int8)
+    S, _ = predict(semi.head_, semi.transform(feats.tokens[pos[rows]]))
+    pi = class_frequencies(Y[rows[labeled]], float(s["pseudo"]["prior_strength"]))
+    tau = class_aware_pseudolabels(S, pi, 0.0)[0]
+    tau = np.where(np.isfinite(tau), tau, 1.0)
+    meta = ctx.path("encode") / "meta.json"
+    size = None if table.meta.get("embeddings_only") or not meta.exists() else \
+        json.loads(meta.read_text()).get("image_size")
+    spec = {"in_dim": int(semi.dim_), "hidden": int(s["hidden"]), "global_branch": bool(s["global_branch"]),
+            "n_contexts": int(np.max(semi.context_of_)) + 1}
+    export_multilabel(ctx.run_dir, cfg=cfg, classes=list(table.classes), head=semi.head_, head_spec=spec,
+                      pca=semi.pca_, thresholds=tau, image_size=size, metrics=metrics)
+
+
 def _write_generic(rows: list[dict], run_dir: Path) -> None:
     """``pseudolabels.csv`` in the pipeline's audit columns (:data:`ssl_pipeline.audit.COLUMNS`)."""
     buf = io.StringIO()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.engine import make_trainer, rank_slice
+from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.models.module import HeadModule
 from ssl_pipeline.retrain import recipes
 from ssl_pipeline.retrain.common import make_logger, test_positions
@@ -48,6 +49,31 @@ class _Threads:
     def __exit__(self, *exc):
         torch.set_num_threads(self.old)
         return False
+
+
+def fit_ensemble(X: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int, cfg: DictConfig, seed: int,
+                 log_dir: Path | None = None, name: str = "head", stats=None, targets=None) -> HeadModule:
+    """``retrain.ensemble`` heads (seeds ``seed``, ``seed + 1``, ...) on the same data, averaged into one head.
+
+    A linear head's logits are linear in its weights, so the head with the averaged weight and bias
+    gives the averaged logits of the members: one head to export, with less of the seed-to-seed
+    variance of a head trained on a few labels (other head kinds: ConfigError for ``ensemble > 1``).
+    The first member logs under ``name``. Shapes as :func:`fit_head`.
+    """
+    n = int(cfg.retrain.get("ensemble", 1) or 1)
+    if n < 1:
+        raise ConfigError("retrain.ensemble", f"must be >= 1, got {n}")
+    first = fit_head(X, y, w, n_classes, cfg, seed, log_dir, name, stats, targets)
+    if n == 1:
+        return first
+    if str(cfg.retrain.head) != "linear":
+        raise ConfigError("retrain.ensemble", f"averages linear heads only (retrain.head={cfg.retrain.head}); "
+                                              "set retrain.ensemble=1")
+    members = [first] + [fit_head(X, y, w, n_classes, cfg, seed + i, None, name, stats, targets) for i in range(1, n)]
+    with torch.no_grad():
+        for key, t in first.head.state_dict().items():
+            t.copy_(torch.stack([m.head.state_dict()[key] for m in members]).mean(0))
+    return first
 
 
 def fit_head(X: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int, cfg: DictConfig, seed: int,
@@ -172,15 +198,17 @@ def run_head(cfg: DictConfig, table: SampleTable, store, pl_dir: Path, run_dir: 
         recipe = recipes.fixed_recipe(rcfg)
     arrs = recipes.load_arrays(pl_dir)
     lab = arrs["labeled"].astype(bool)
-    lab_only = fit_head(embed(arrs["rows"][lab]), arrs["labels"][lab].astype(np.int64), np.ones(int(lab.sum()),
-                        np.float32), n_classes, cfg, seed, run_dir / "retrain_logs", "labeled_only", stats)
-    d = recipes.training_data(arrs, recipe, rcfg, embed, _logits_of(lab_only))
+    lab_only = fit_ensemble(embed(arrs["rows"][lab]), arrs["labels"][lab].astype(np.int64),
+                            np.ones(int(lab.sum()), np.float32), n_classes, cfg, seed, run_dir / "retrain_logs",
+                            "labeled_only", stats)
+    d = recipes.training_data(arrs, recipe, rcfg, embed, _logits_of(lab_only), n_classes)
     rows, labels, w, is_pseudo = d["rows"], d["labels"], d["w"], d["is_pseudo"]
     log.info("retrain: head (recipe %s) on %d samples (%d pseudo-labeled) vs %d labeled only", recipe.name,
              len(rows), int(is_pseudo.sum()), int(lab.sum()))
-    semi = fit_head(d["X"], labels, w, n_classes, cfg, seed, run_dir / "retrain_logs", "semi_supervised", stats,
-                    d["targets"])
-    metrics.update({"retrain/recipe": recipe.name, "retrain/world_size": int(getattr(semi, "world_size", 1)),
+    semi = fit_ensemble(d["X"], labels, w, n_classes, cfg, seed, run_dir / "retrain_logs", "semi_supervised", stats,
+                        d["targets"])
+    metrics.update({"retrain/recipe": recipe.name, "retrain/ensemble": int(rcfg.get("ensemble", 1) or 1),
+                    "retrain/world_size": int(getattr(semi, "world_size", 1)),
                     "retrain/n_train": len(rows), "retrain/n_pseudo": int(is_pseudo.sum()),
                     "retrain/pseudo_weight_mean": float(w[is_pseudo].mean()) if is_pseudo.any() else 0.0})
     y_rows = y_true[rows]
@@ -237,7 +265,7 @@ def select_recipe(cfg: DictConfig, pl_dir: Path, embed, n_classes: int, stats) -
         lab_only = fit_head(embed(arrs["rows"][lab]), arrs["labels"][lab].astype(np.int64),
                             np.ones(int(lab.sum()), np.float32), n_classes, cfg, seed, None, "val", stats)
         for c in cands:
-            d = recipes.training_data(arrs, c, rcfg, embed, _logits_of(lab_only))
+            d = recipes.training_data(arrs, c, rcfg, embed, _logits_of(lab_only), n_classes)
             head = lab_only if not d["is_pseudo"].any() else fit_head(
                 d["X"], d["labels"], d["w"], n_classes, cfg, seed, None, "val", stats, d["targets"])
             with torch.no_grad():

@@ -5,7 +5,10 @@ A *recipe* says which pseudo-labels a head learns from and how: ``targets`` (``h
 (``confidence``: each pseudo-label weighted by the labeler's confidence; ``one``), ``top`` (keep per
 class that share of the pseudo-labels, ranked by confidence times the labeled-only head's probability
 of the label), ``agree`` (keep only the pseudo-labels the labeled-only head predicts too) and
-``pseudo_scale`` (a factor on every pseudo-label weight; 0 = the labeled-only head).
+``pseudo_scale`` (a factor on every pseudo-label weight; 0 = the labeled-only head) and ``balance``
+(rescale the pseudo-label weights so that each class holds the share of the pseudo-label weight that
+it holds among the given labels: a labeler that piles its labels onto a few classes does not pass
+that bias on to the head).
 
 ``retrain.pseudo_targets=auto`` trains every recipe of ``retrain.candidates`` on each validation
 fold the pseudolabel stage wrote (``val/fold<f>/``: that fold's pseudo-labels, its held-out labeled
@@ -26,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.retrain.common import filter_pseudo, select_training, soft_targets
 
-RECIPE_KEYS = {"targets", "weight", "top", "agree", "pseudo_scale"}
+RECIPE_KEYS = {"targets", "weight", "top", "agree", "pseudo_scale", "balance"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Recipe:
     top: float = 1.0
     agree: bool = False
     pseudo_scale: float = 1.0
+    balance: bool = False
 
 
 def fixed_recipe(rcfg: DictConfig) -> Recipe:
@@ -44,7 +48,8 @@ def fixed_recipe(rcfg: DictConfig) -> Recipe:
     how = str(rcfg.get("pseudo_targets", "hard"))
     if how not in ("hard", "soft"):
         raise ConfigError("retrain.pseudo_targets", f"must be hard, soft or auto, got {how!r}")
-    return Recipe(how, targets=how, weight=str(rcfg.get("pseudo_weight", "confidence")))
+    return Recipe(how, targets=how, weight=str(rcfg.get("pseudo_weight", "confidence")),
+                  balance=bool(rcfg.get("pseudo_balance", False)))
 
 
 def candidates(rcfg: DictConfig) -> list[Recipe]:
@@ -77,11 +82,34 @@ def load_arrays(pl_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.load(Path(pl_dir) / f"{k}.npy") for k in ("rows", "labels", "confidence", "labeled", "noise")}
 
 
-def training_data(arrs: dict, recipe: Recipe, rcfg: DictConfig, embed, teacher) -> dict:
+def balance_weights(labels: np.ndarray, w: np.ndarray, is_pseudo: np.ndarray, given: np.ndarray,
+                    n_classes: int) -> np.ndarray:
+    """Pseudo-label weights (n,) rescaled per class so that class c holds ``prior_c`` of the pseudo weight.
+
+    ``labels``, ``w``, ``is_pseudo`` (n,): the training rows; ``given`` (n_l,): the given labels, whose
+    class frequencies (add-one smoothed) are the prior. Given labels keep their weight.
+    """
+    prior = (np.bincount(np.asarray(given, np.int64), minlength=n_classes) + 1.0)
+    prior /= prior.sum()
+    w = np.asarray(w, np.float64).copy()
+    if not is_pseudo.any():
+        return w.astype(np.float32)
+    have = np.bincount(labels[is_pseudo], weights=w[is_pseudo], minlength=n_classes)
+    present = have > 0
+    target = prior * present / max(float((prior * present).sum()), 1e-12) * have.sum()
+    factor = np.where(present, target / np.maximum(have, 1e-12), 0.0)
+    w[is_pseudo] *= factor[labels[is_pseudo]]
+    return w.astype(np.float32)
+
+
+def training_data(arrs: dict, recipe: Recipe, rcfg: DictConfig, embed, teacher, n_classes: int | None = None) -> dict:
     """What a head trains on under ``recipe``: rows, labels, w, is_pseudo (n,), X (n, D), targets (n, C) or None.
 
-    ``embed(rows) -> (n, D)``; ``teacher(X) -> (n, C)`` logits of the labeled-only head.
+    ``embed(rows) -> (n, D)``; ``teacher(X) -> (n, C)`` logits of the labeled-only head; ``n_classes``
+    (default: one more than the largest label) for ``balance``.
     """
+    if n_classes is None:
+        n_classes = int(max(arrs["labels"].max(), 0)) + 1
     sel = OmegaConf.create({"min_confidence": float(rcfg.min_confidence), "pseudo_weight": recipe.weight,
                             "drop_noisy": bool(rcfg.get("drop_noisy", True))})
     rows, labels, w, is_pseudo = select_training(arrs["rows"], arrs["labels"], arrs["confidence"],
@@ -98,6 +126,8 @@ def training_data(arrs: dict, recipe: Recipe, rcfg: DictConfig, embed, teacher) 
     w = np.where(is_pseudo, w * float(recipe.pseudo_scale), w).astype(np.float32)
     keep = ~is_pseudo | (w > 0)
     rows, labels, w, is_pseudo, X, conf = (a[keep] for a in (rows, labels, w, is_pseudo, X, conf))
+    if recipe.balance:
+        w = balance_weights(labels, w, is_pseudo, arrs["labels"][arrs["labeled"].astype(bool)], int(n_classes))
     targets = None
     if recipe.targets == "soft" and is_pseudo.any():
         t = float(rcfg.get("teacher_temperature", 1.0))

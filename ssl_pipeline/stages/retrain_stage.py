@@ -49,6 +49,9 @@ class Retrain(Stage):
             with ctx.cache.stage("retrain", key, ctx.forced("retrain")) as st:
                 if not st.reused:
                     st.metrics = build_retrain(ctx, st.dir)
+            from ssl_pipeline.multilabel.recipe import export_model_folder
+
+            export_model_folder(ctx, st.metrics)  # <run dir>/model/, also when the artifact is reused
             return StageResult(st.path, st.metrics, key)
         from ssl_pipeline.stages import retrain  # torch + Lightning: loaded only when a run retrains
 

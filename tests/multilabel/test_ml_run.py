@@ -117,10 +117,11 @@ def test_stages_end_to_end_on_tiny_mosaics(tmp_path, monkeypatch):
     assert all(set(r["label"].split("|")) <= set(COLOURS) | {""} for r in generic)
     assert json.loads((run_dir / "contexts.json").read_text())["classes"] == list(COLOURS)
     # stage=retrain afterwards reuses the pseudolabel artifact: no backbone, no labeler fit
-    import ssl_pipeline.backbones as bb
+    import ssl_pipeline.multilabel.features as feat
     import ssl_pipeline.multilabel.labeler as labmod
 
-    monkeypatch.setattr(bb, "load_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    # (the backbone is loaded once more by the model export: its eval transform and, for a random init, its tower)
+    monkeypatch.setattr(feat, "encode_tokens_into", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
     monkeypatch.setattr(labmod.CSALabeler, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-fit")))
     m2 = pipeline.run(tiny_ml_config(root, tmp_path, "stage=report"), tmp_path / "rt")
     a1 = json.loads((tmp_path / "pl" / "artifacts.json").read_text())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_pipeline.errors import ConfigError
 from ssl_pipeline.retrain import head, recipes
@@ -61,7 +62,7 @@ def cfg_for(*extra: str):
 def test_candidates_are_validated():
     cfg = cfg_for()
     names = [c.name for c in recipes.candidates(cfg.retrain)]
-    assert names == ["hard_one", "hard_agree", "hard_light"]
+    assert names == ["trust", "top50"]
     with pytest.raises(ConfigError, match="retrain.candidates.x"):
         recipes.candidates(cfg_for("+retrain.candidates.x={targets: hard, bogus: 1}").retrain)
     with pytest.raises(ConfigError, match="retrain.candidates.y.targets"):
@@ -127,3 +128,31 @@ def test_without_folds_the_first_candidate_is_used(tmp_path):
     cfg = cfg_for()
     recipe, m = head.select_recipe(cfg, tmp_path / "pl", lambda rows: X[rows], C, head.feature_stats(X))
     assert recipe == recipes.candidates(cfg.retrain)[0] and m["retrain/recipe_source"] == "first_candidate"
+
+
+def test_balance_gives_each_class_its_labeled_share_of_the_pseudo_weight():
+    labels = np.array([0, 1, 2, 0, 0, 0, 0, 1, 2, 2])
+    is_pseudo = np.array([False] * 3 + [True] * 7)
+    w = recipes.balance_weights(labels, np.ones(10, np.float32), is_pseudo, np.array([0, 1, 2, 0, 1, 2]), 3)
+    assert np.allclose(w[~is_pseudo], 1.0)
+    per_class = np.bincount(labels[is_pseudo], weights=w[is_pseudo], minlength=3)
+    assert np.allclose(per_class, 7 / 3) and np.isclose(w[is_pseudo].sum(), 7)
+    # a class without pseudo-labels leaves its share to the others
+    w = recipes.balance_weights(labels[:7], np.ones(7, np.float32), is_pseudo[:7], np.array([0, 1, 2]), 3)
+    assert np.allclose(w[3:], 1.0)
+
+
+def test_ensemble_averages_linear_heads_and_refuses_other_heads():
+    from ssl_pipeline.retrain.head import fit_ensemble, fit_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 8)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    w = np.ones(60, np.float32)
+    cfg = cfg_for("retrain.ensemble=3", "retrain.steps=20")
+    avg = fit_ensemble(X, y, w, 2, cfg, 0)
+    members = [fit_head(X, y, w, 2, cfg, s) for s in range(3)]
+    want = torch.stack([m.head[1].weight for m in members]).mean(0)
+    torch.testing.assert_close(avg.head[1].weight, want)
+    with pytest.raises(ConfigError, match="retrain.ensemble"):
+        fit_ensemble(X, y, w, 2, cfg_for("retrain.ensemble=2", "retrain.head=mlp", "retrain.steps=5"), 0)

@@ -1,0 +1,123 @@
+"""The multi-label model folder: image tower -> spatial tokens -> token PCA -> alignment head -> sigmoid.
+
+Written by the multi-label retrain (:func:`export_multilabel`) next to the single-label layout of
+:mod:`ssl_pipeline.model.export`::
+
+    model.json          task multilabel, head kind ``alignment`` (in_dim, hidden, global_branch,
+                        n_contexts, token_dim), backbone config, token input size, per-class thresholds
+    head.safetensors    the alignment head's tensors (``head.*``: LayerNorm, projection, class embeddings,
+                        context map, global branch) and the token PCA ``token_pca_mean`` (d,) /
+                        ``token_pca_W`` (d, d') when the run reduced its tokens
+    tower.safetensors   only for a tower without a loadable source (``backbone.pretrained: null``)
+
+Decisions: class k is decided when its probability is at or above ``thresholds[k]``, the
+class-aware cut of the training images (the ``pi_k`` share of them with the highest teacher
+scores, ``pi_k`` the smoothed labeled frequency of k; :mod:`ssl_pipeline.multilabel.thresholds`).
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_pipeline.errors import DataError
+from ssl_pipeline.model.load import ExportedModel
+
+
+class MultiLabelModel(ExportedModel):
+    """An exported multi-label model; inputs (B, 3, S, S) squashed images, (B, P, d) tokens or (B, D) pooled
+    embeddings (a model over an embeddings file: one token per image). ``forward`` gives (B, C) logits."""
+
+    def __init__(self, config: dict, visual: nn.Module | None, head: nn.Module, transform,
+                 pca: tuple[torch.Tensor, torch.Tensor] | None):
+        super().__init__(config, visual, head, transform, None, None)
+        self.has_pca = pca is not None
+        if pca is not None:
+            self.register_buffer("token_pca_mean", pca[0].float())
+            self.register_buffer("token_pca_W", pca[1].float())
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, P, d') head inputs, rounded to float16 as the encode cache stores them."""
+        from ssl_pipeline.multilabel.features import extract
+
+        if x.ndim == 2:
+            t = x[:, None, :].float()
+        elif x.ndim == 3:
+            t = x.float()
+        else:
+            if self.visual is None:
+                raise DataError("this model was exported from precomputed embeddings: give it (B, D) embeddings")
+            t = extract(types.SimpleNamespace(visual=self.visual), x)[0]
+        t = t.half().float()
+        if self.has_pca:
+            t = ((t - self.token_pca_mean) @ self.token_pca_W).half().float()
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tokens(x))[0]
+
+
+def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module, head_spec: dict,
+                      pca: tuple[np.ndarray, np.ndarray] | None, thresholds: np.ndarray, image_size: int | None,
+                      metrics: dict) -> Path | None:
+    """Write ``<run_dir>/model/`` for the multi-label head ``head`` (an AlignmentHead); rank 0 only.
+
+    ``head_spec``: in_dim, hidden, global_branch, n_contexts; ``pca``: (mean (d,), W (d, d')) or None;
+    ``thresholds`` (C,); ``image_size``: the squashed input size of the encode stage (None: embeddings).
+    """
+    from omegaconf import OmegaConf
+
+    from ssl_pipeline.model.export import _rank, export_model
+
+    if _rank() != 0:
+        return None
+    state = {f"head.{k}": v for k, v in head.state_dict().items()}
+    if pca is not None:
+        state["token_pca_mean"] = torch.from_numpy(np.asarray(pca[0], np.float32))
+        state["token_pca_W"] = torch.from_numpy(np.asarray(pca[1], np.float32))
+    embeddings_only = cfg.data.kind == "embeddings" or image_size is None
+    bcfg = None if embeddings_only else OmegaConf.to_container(cfg.backbone, resolve=True)
+    tower, pre = None, None
+    if bcfg is not None:
+        from ssl_pipeline.backbones import load_backbone
+        from ssl_pipeline.multilabel.features import squash_transform
+
+        backbone = load_backbone(cfg.backbone, device="cpu")
+        pre = squash_transform(backbone, int(image_size))
+        if bcfg.get("pretrained") in (None, "", "none"):
+            tower = backbone.model.visual.state_dict()
+    spec = dict(head_spec, kind="alignment", token_pca=pca is not None, embedding_dtype="float16")
+    return export_model(Path(run_dir) / "model", classes=list(classes), head_state=state, head=spec,
+                        backbone_cfg=bcfg, preprocess=pre, image_size=image_size, tower_state=tower,
+                        multilabel=True, thresholds=np.asarray(thresholds, np.float64), metrics=metrics,
+                        extra={"mode": "multilabel", "preprocessing": {"squash": True}} if pre is not None
+                        else {"mode": "multilabel"})
+
+
+def load_multilabel(path: Path, doc: dict, tensors: dict[str, torch.Tensor], visual, transform) -> MultiLabelModel:
+    """The :class:`MultiLabelModel` of a folder whose head kind is ``alignment`` (called by ``load_model``)."""
+    from ssl_pipeline.multilabel.head import AlignmentHead
+
+    spec = doc["head"]
+    hs = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    for k in ("class_embed", "context_of"):
+        if k not in hs:
+            raise DataError(f"{path / 'head.safetensors'}: alignment head tensor head.{k} missing")
+    head = AlignmentHead(int(spec["in_dim"]), hs["class_embed"].numpy(), hs["context_of"].numpy(),
+                         hidden=int(spec["hidden"]), dropout=0.0, global_branch=bool(spec.get("global_branch", True)))
+    try:
+        head.load_state_dict(hs)
+    except RuntimeError as e:
+        raise DataError(f"{path / 'head.safetensors'}: does not fit the alignment head of model.json ({e})") from e
+    pca = None
+    if spec.get("token_pca"):
+        if "token_pca_mean" not in tensors or "token_pca_W" not in tensors:
+            raise DataError(f"{path / 'head.safetensors'}: token PCA tensors token_pca_mean / token_pca_W missing")
+        pca = (tensors["token_pca_mean"], tensors["token_pca_W"])
+    if doc.get("thresholds") is None or len(doc["thresholds"]) != len(doc["classes"]):
+        raise DataError(f"{path / 'model.json'}: a multi-label model needs one threshold per class")
+    return MultiLabelModel(doc, visual, head, transform, pca)
