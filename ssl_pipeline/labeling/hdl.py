@@ -23,13 +23,15 @@ Rules (every constant is generic; nothing is chosen per data set)
    ``max_loo`` rows) is predicted by graph propagation from all *other* labeled
    rows, exactly (one sparse solve per evaluated row, batched). ``delta_k`` =
    this leave-one-out error, the estimated rate at which a row's
-   k-neighbourhood leads to a wrong label. ``k_`` is the *smallest* k whose
-   ``delta_k`` is within one standard error of the best (the one-SE rule;
-   delta_k is non-decreasing in k in theory, and the estimate is noisy with few
-   labels). The grid is scanned upwards and stops at the first k two standard errors worse than the
-   best so far (the largest k cost the most to solve). With one label per class nothing can be left out: ``k_ =
-   k_default`` (5, the smallest grid value; at most a quarter of the mean class
-   size, at least 3) and ``delta_k_`` is estimated from the
+   k-neighbourhood leads to a wrong label. ``k_`` is the k of lowest ``delta_k``
+   (ties: the smaller), but only if it beats the default k (``k_default``) by more
+   than one standard error of the default's estimate; otherwise the default stays
+   (the estimate is noisy with few labels; a one-SE rule towards the *smallest* k
+   picked the smallest grid value almost always). The grid (3, 5, 10) is scanned
+   upwards and stops at the first k two standard errors worse than the best so far
+   (the largest k cost the most to solve). With one label per class nothing can be
+   left out: ``k_ = k_default`` (5; at most a quarter of the mean class size, at
+   least 3) and ``delta_k_`` is estimated from the
    final labeling (share of rows whose ``k_`` neighbours do not all carry their
    label).
 3. **Two experts, recomputed every tier.** (a) *Propagation*: kNN graph with
