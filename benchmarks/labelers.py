@@ -106,8 +106,10 @@ def parse_params(items: list[str]) -> dict:
     return params
 
 
-def load(f: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load(f: Path) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     z = np.load(f)
+    if "X" not in z.files or "y" not in z.files:  # a text-only file (imagenet1k: class names, no images)
+        return None, None, None
     X = z["X"].astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     text = z["text"].astype(np.float32) if "text" in z.files else None
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = []
     for kind, f in jobs:
         X, y, text = load(f)
-        if kind == "text" and text is None:
+        if X is None or (kind == "text" and text is None):
             continue  # a text-only file (imagenet1k: no images) or one without a text array
         if kind == "image":
             text = None

@@ -23,13 +23,15 @@ Rules (every constant is generic; nothing is chosen per data set)
    ``max_loo`` rows) is predicted by graph propagation from all *other* labeled
    rows, exactly (one sparse solve per evaluated row, batched). ``delta_k`` =
    this leave-one-out error, the estimated rate at which a row's
-   k-neighbourhood leads to a wrong label. ``k_`` is the *smallest* k whose
-   ``delta_k`` is within one standard error of the best (the one-SE rule;
-   delta_k is non-decreasing in k in theory, and the estimate is noisy with few
-   labels). The grid is scanned upwards and stops at the first k two standard errors worse than the
-   best so far (the largest k cost the most to solve). With one label per class nothing can be left out: ``k_ =
-   k_default`` (5, the smallest grid value; at most a quarter of the mean class
-   size, at least 3) and ``delta_k_`` is estimated from the
+   k-neighbourhood leads to a wrong label. ``k_`` is the k of lowest ``delta_k``
+   (ties: the smaller), but only if it beats the default k (``k_default``) by more
+   than one standard error of the default's estimate; otherwise the default stays
+   (the estimate is noisy with few labels; a one-SE rule towards the *smallest* k
+   picked the smallest grid value almost always). The grid (3, 5, 10) is scanned
+   upwards and stops at the first k two standard errors worse than the best so far
+   (the largest k cost the most to solve). With one label per class nothing can be
+   left out: ``k_ = k_default`` (5; at most a quarter of the mean class size, at
+   least 3) and ``delta_k_`` is estimated from the
    final labeling (share of rows whose ``k_`` neighbours do not all carry their
    label).
 3. **Two experts, recomputed every tier.** (a) *Propagation*: kNN graph with
@@ -83,7 +85,11 @@ Rules (every constant is generic; nothing is chosen per data set)
    included) whose neighbourhood majority is another class and whose
    agreement is below one half. Given labels are never changed.
 8. **Confidence.** The final posterior of the row's label (1 for given labels):
-   it ranks likely errors last.
+   it ranks likely errors last. **Calibrated** (``calibrate``): when some class has two labels, the
+   posterior is raised to the power ``1 / temperature_`` (rows renormalised; labels and ranking
+   unchanged), the temperature chosen so the mean confidence of the unlabeled rows equals the kept
+   tier's leave-one-out accuracy on the labeled rows (rule 5; rule-of-succession smoothed). Without a
+   second label per class there is no held-out evidence and the temperature stays 1.
 
 Everything is O(N k) memory (sparse N x k graph, N x C dense posteriors; the
 centred rows of the linear expert are made in batches, never as a second copy of
@@ -102,6 +108,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
 from ssl_pipeline.labeling.baselines import NaiveTieredVote  # noqa: F401  (re-exported: its old home)
+from ssl_pipeline.labeling.calibration import match_temperature, power_rows
 from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, exact_search
 from ssl_pipeline.labeling.linear import (
     _centre,
@@ -202,6 +209,8 @@ class HDL(_Choices, BaseLabeler):
         Exponent of the text expert (``fit(..., text=T)``) in the product of experts; None: the sum of the
         image experts' exponents (``prop_weight`` + the chosen linear weight), so the two modalities weigh
         the same (the image experts are not independent of each other: both read the same images).
+    calibrate : bool
+        Fit the confidence temperature of rule 8 (needs a class with two labels).
     random_state : int
         Seed of k-means and of the subsampling.
 
@@ -218,6 +227,7 @@ class HDL(_Choices, BaseLabeler):
         (empty when no class has two labels)
     noise_ : (N,) bool
     text_beta_ : float or None, the text expert's inverse temperature (None without text)
+    temperature_ : float, the confidence temperature of rule 8 (1.0 when not fit)
     agreement_ : (N,) float32
     k_ : int, delta_k_ : float, k_scores_ : dict {k: delta_k}
     n_clusters_ : int
@@ -226,13 +236,14 @@ class HDL(_Choices, BaseLabeler):
     components_ : (D, r) float32 or None (linear expert, used by ``predict_proba``)
     """
 
-    def __init__(self, n_tiers: int = 5, k: int | None = None, k_grid: tuple[int, ...] = (5, 10, 20),
+    def __init__(self, n_tiers: int = 5, k: int | None = None, k_grid: tuple[int, ...] = (3, 5, 10),
                  k_default: int = 5, alpha: float = 0.99, gamma: float = 3.0, prop_weight: float = 0.5,
                  lin_weight: float = 1.0,
                  C: float = 10.0, n_prior_iter: int = 3, n_clusters: int | None = None, max_loo: int = 128,
-                 max_fit_per_class: int = 1000, lr_max_iter: int = 30, cg_iter: int = 20,
+                 max_fit_per_class: int = 1000, lr_max_iter: int = 15, cg_iter: int = 20,
                  cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
-                 admission: str = "class", text_weight: float | None = None, random_state: int = 0):
+                 admission: str = "class", text_weight: float | None = None, calibrate: bool = True,
+                 random_state: int = 0):
         self.n_tiers = n_tiers
         self.k = k
         self.k_grid = k_grid
@@ -253,6 +264,7 @@ class HDL(_Choices, BaseLabeler):
         self.blas_threads = blas_threads
         self.admission = admission
         self.text_weight = text_weight
+        self.calibrate = calibrate
         self.random_state = random_state
 
 
@@ -412,6 +424,15 @@ class HDL(_Choices, BaseLabeler):
             pool_pos = np.concatenate([lab_pos, pred[adm]])
             pool_w = np.concatenate([np.ones(len(lab_rows), np.float32), conf[adm].astype(np.float32)])
 
+        self.temperature_ = 1.0
+        if self.calibrate and self.tier_loo_accuracy_ and len(unl_rows):
+            # rule 8: mean confidence of the unlabeled rows = the kept tier's LOO accuracy (smoothed)
+            n_ev = len(evaluated)
+            target = (self.tier_loo_accuracy_[self.n_tiers_ - 1] * n_ev + 1.0) / (n_ev + 2.0)
+            e = match_temperature(P, target, unl_rows, seed=self.random_state)
+            power_rows(P, e)
+            conf = P[np.arange(n), pred]
+            self.temperature_ = 1.0 / e
         self.proba_ = P
         self.labels_ = np.where(labeled, y, classes[pred]).astype(np.int64)
         self.confidence_ = np.where(labeled, 1.0, np.clip(conf, 0.0, 1.0)).astype(np.float32)

@@ -85,19 +85,26 @@ class _LinearFeatures:
     holds no second N x D copy of the embeddings.
     """
 
-    def __init__(self, X: NDArray[np.float32], mean: NDArray[np.float32], components: NDArray[np.float32] | None):
+    def __init__(self, X: NDArray[np.float32], mean: NDArray[np.float32], components: NDArray[np.float32] | None,
+                 cache_floats: int = 2 ** 25):
         self.X, self.mean, self.components = X, mean, components
         self.shape = (len(X), X.shape[1] if components is None else components.shape[1])
+        # small pools (N x r <= cache_floats, 128 MB): the features are made once and kept (every tier reads
+        # them twice); large pools are projected on demand so no second copy of the embeddings is held
+        self.cache = (_project(X, mean, components) if self.shape[0] * self.shape[1] <= cache_floats else None)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def take(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
+        if self.cache is not None:
+            return self.cache[np.asarray(rows)]
         return _project(self.X, self.mean, self.components, rows=np.asarray(rows))
 
     def batches(self, batch: int):
         for s in range(0, len(self.X), batch):
-            yield s, _project(self.X[s:s + batch], self.mean, self.components)
+            yield s, (self.cache[s:s + batch] if self.cache is not None
+                      else _project(self.X[s:s + batch], self.mean, self.components))
 
 
 def _principal_axes(X: NDArray[np.float32], r: int | None, seed: int, max_rows: int = 50_000,

@@ -78,10 +78,16 @@ class _Choices:
             best = min(scores.values())
             if scores[k] > best + 2.0 * np.sqrt(max(best * (1.0 - best), 1.0 / len(evaluable)) / len(evaluable)):
                 break
-        # one-standard-error rule: the smallest k whose LOO error is within one SE of the best
-        best = min(scores.values())
-        se = float(np.sqrt(best * (1.0 - best) / len(evaluable)))
-        k_best = min(k for k, v in scores.items() if v <= best + se + 1e-12)
+        # the k with the lowest LOO error (ties: the smaller k) replaces the default k only if it is better by
+        # more than one standard error of the default's error: with few labeled rows the LOO ranking is noise,
+        # and the default is the safer graph (a one-SE rule towards the *smallest* k picked it almost always)
+        k_best = min(scores, key=lambda k: (scores[k], k))
+        k_def = min(grid, key=lambda k: (abs(k - fallback), k))
+        if k_def in scores:
+            e = scores[k_def]
+            se = float(np.sqrt(max(e * (1.0 - e), 1.0 / len(evaluable)) / len(evaluable)))
+            if scores[k_best] >= e - se:
+                k_best = k_def
         return k_best, scores, evaluable, posts[k_best], graphs[k_best], diags[k_best]
 
     def _choose_lin_weight(self, Xl: _LinearFeatures, lab_rows: NDArray[np.int64], lab_pos: NDArray[np.int64],

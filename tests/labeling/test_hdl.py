@@ -267,3 +267,59 @@ def test_seed_admission_keeps_every_labeled_mode_of_a_class():
     assert acc["seed"] > acc["class"] and acc["seed"] > 0.99, acc  # measured: 0.984 vs 1.000
     with pytest.raises(ValueError, match="admission"):
         HDL(admission="mode").fit(X, ym)
+
+
+def _rings(r_inner=0.8, noise=0.03, n=300, seed=0):
+    """Two concentric noisy rings (lifted to z = 1 so the unit rows keep them apart): X (2n, 3), y (2n,)."""
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0, 2 * np.pi, 2 * n)
+    r = np.r_[np.full(n, r_inner), np.full(n, 1.0)] + noise * rng.standard_normal(2 * n)
+    X = np.c_[r * np.cos(t), r * np.sin(t), np.ones(2 * n)].astype(np.float32)
+    return X, np.r_[np.zeros(n, np.int64), np.ones(n, np.int64)]
+
+
+def test_adaptive_k_leaves_a_default_the_labeled_rows_refute():
+    # a 40-NN graph bridges the rings; leave-one-out on 20 labels per class shows it, so the adaptive choice
+    # moves off the default (40) to the local graph, and the fixed-k runs show that the choice matters
+    X, y = _rings()
+    ym = mask_labels(y, 20, seed=0)
+    hdl = HDL(k_grid=(5, 40), k_default=40).fit(X, ym)
+    assert hdl.k_ == 5 and hdl.k_scores_[5] < hdl.k_scores_[40]
+    acc_k5 = unlabeled_accuracy(HDL(k=5).fit(X, ym), y, ym)
+    acc_k40 = unlabeled_accuracy(HDL(k=40).fit(X, ym), y, ym)
+    assert unlabeled_accuracy(hdl, y, ym) == acc_k5 > acc_k40 + 0.2
+
+
+def test_adaptive_k_keeps_the_default_when_the_evidence_is_noise():
+    # 2 labels per class: leave-one-out scores over 10 rows cannot beat the default by a standard error
+    X, y, _ = blobs([150] * 5, sigma=2.5, seed=6)
+    hdl = HDL().fit(X, mask_labels(y, 2, seed=6))
+    assert hdl.k_ == hdl.k_default and set(hdl.k_scores_) <= set(hdl.k_grid)
+
+
+def test_confidence_temperature_calibrates_without_changing_labels():
+    from ssl_pipeline.labeling.calibration import expected_calibration_error
+
+    X, y, _ = blobs([150] * 5, sigma=3.0, seed=4)
+    ym = mask_labels(y, 20, seed=4)
+    u = ym < 0
+    cal, raw = HDL().fit(X, ym), HDL(calibrate=False).fit(X, ym)
+    assert (cal.labels_ == raw.labels_).all() and raw.temperature_ == 1.0 and cal.temperature_ != 1.0
+    ece = [expected_calibration_error(m.confidence_[u], m.labels_[u] == y[u]) for m in (cal, raw)]
+    assert ece[0] < 0.5 * ece[1]
+    # the ranking is unchanged: the same rows are the most confident half
+    top = [set(np.argsort(-m.confidence_[u], kind="stable")[: u.sum() // 2]) for m in (cal, raw)]
+    assert len(top[0] & top[1]) >= 0.95 * len(top[0])
+    np.testing.assert_allclose(cal.proba_.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_match_temperature_hits_its_target():
+    from ssl_pipeline.labeling.calibration import match_temperature, power_rows
+
+    rng = np.random.default_rng(0)
+    P = rng.dirichlet(np.ones(6), size=500).astype(np.float32)
+    for target in (0.4, 0.9):
+        e = match_temperature(P, target)
+        Q = power_rows(P.copy(), e)
+        assert abs(Q.max(axis=1).mean() - target) < 1e-3
+        assert (Q.argmax(axis=1) == P.argmax(axis=1)).all()
