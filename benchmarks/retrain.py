@@ -95,7 +95,8 @@ def run_case(name: str, a) -> dict:
                 "labeled_only": m["retrain/labeled_only_test_map"]}
     else:
         cell = {"metric": "accuracy", "pseudolabels": m["pseudolabel/accuracy"],
-                "retrained": m["retrain/test_accuracy"], "labeled_only": m["retrain/labeled_only_test_accuracy"], "recipe": m.get("retrain/recipe")}
+                "retrained": m["retrain/test_accuracy"], "labeled_only": m["retrain/labeled_only_test_accuracy"],
+                "recipe": m.get("retrain/recipe")}
     cell.update(case=name, retrain_seconds=m.get("retrain/seconds"), run_seconds=round(secs, 1),
                 model_folder=(run_dir / "model" / "model.json").exists())
     print(json.dumps(cell), flush=True)
