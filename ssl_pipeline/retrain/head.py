@@ -175,7 +175,7 @@ def run_head(cfg: DictConfig, table: SampleTable, store, pl_dir: Path, run_dir: 
     """Train the labeled-only and the pseudo-labeled heads; return (metrics, state dicts).
 
     ``retrain.pseudo_targets=auto``: the recipe (how much the head trusts the pseudo-labels) is the
-    candidate of ``retrain.candidates`` with the best held-out accuracy on the validation folds
+    candidate of ``retrain.candidates`` with the best held-out score (``retrain.choose_by``) on the validation folds
     (:mod:`ssl_pipeline.retrain.recipes`); hard / soft: that fixed recipe.
     """
     rcfg = cfg.retrain
@@ -239,7 +239,8 @@ def _logits_of(module: HeadModule):
 
 
 def select_recipe(cfg: DictConfig, pl_dir: Path, embed, n_classes: int, stats) -> tuple[recipes.Recipe, dict]:
-    """The candidate recipe with the best held-out accuracy over the validation folds of ``pl_dir``; its metrics.
+    """The candidate recipe with the best held-out score (``retrain.choose_by``: log-loss or accuracy) over the
+    validation folds of ``pl_dir``; its metrics.
 
     Each fold: the labeled-only head on the fold's labeled rows, then every candidate on the fold's
     pseudo-labels, scored on the fold's held-out labeled rows (labels from ``pl_dir``'s given labels).
@@ -275,7 +276,8 @@ def select_recipe(cfg: DictConfig, pl_dir: Path, embed, n_classes: int, stats) -
         n_held += len(held)
         log.info("retrain: recipe validation, %s: %d held-out rows, right so far %s", fold.name, n_held,
                  {k: v[0] for k, v in scores.items()})
-    best = recipes.choose({k: tuple(v) for k, v in scores.items()}, [c.name for c in cands])
+    best = recipes.choose({k: tuple(v) for k, v in scores.items()}, [c.name for c in cands],
+                          str(rcfg.get("choose_by", "logloss")))
     metrics = {f"val/retrain_accuracy/{k}": v[0] / n_held for k, v in scores.items()}
     metrics.update({f"val/retrain_logloss/{k}": v[1] / n_held for k, v in scores.items()})
     metrics.update({"val/retrain_accuracy": scores[best][0] / n_held, "val/retrain_n_heldout": n_held,

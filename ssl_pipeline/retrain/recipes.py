@@ -13,7 +13,7 @@ that bias on to the head).
 ``retrain.pseudo_targets=auto`` trains every recipe of ``retrain.candidates`` on each validation
 fold the pseudolabel stage wrote (``val/fold<f>/``: that fold's pseudo-labels, its held-out labeled
 rows hidden from the labeler), scores it on the held-out labeled rows, and keeps the recipe with the
-most held-out rows right (ties: the lower held-out log-loss, then the order of ``retrain.candidates``).
+lowest held-out log-loss (``retrain.choose_by=logloss``; ``accuracy``: the most held-out rows right).
 Only labeled training rows enter the choice; test labels never do.
 """
 
@@ -136,9 +136,16 @@ def training_data(arrs: dict, recipe: Recipe, rcfg: DictConfig, embed, teacher, 
     return {"rows": rows, "labels": labels, "w": w, "is_pseudo": is_pseudo, "X": X, "targets": targets}
 
 
-def choose(scores: dict[str, tuple[int, float]], order: list[str]) -> str:
-    """The recipe with the most held-out rows right; ties: lower held-out log-loss, then earlier in ``order``.
+def choose(scores: dict[str, tuple[int, float]], order: list[str], by: str = "logloss") -> str:
+    """The recipe with the lowest summed held-out log-loss (``by="logloss"``, ties: more rows right) or the most
+    held-out rows right (``by="accuracy"``, ties: lower log-loss); then earlier in ``order``.
 
-    ``scores``: name -> (held-out rows right, summed held-out log-loss).
+    ``scores``: name -> (held-out rows right, summed held-out log-loss). The log-loss scores each held-out
+    row's whole posterior, not one right/wrong bit: on a few dozen held-out labels it separates candidates
+    that the count of rows right leaves to chance.
     """
-    return min(order, key=lambda n: (-scores[n][0], scores[n][1], order.index(n)))
+    if by == "logloss":
+        return min(order, key=lambda n: (scores[n][1], -scores[n][0], order.index(n)))
+    if by == "accuracy":
+        return min(order, key=lambda n: (-scores[n][0], scores[n][1], order.index(n)))
+    raise ConfigError("retrain.choose_by", f"must be logloss or accuracy, got {by!r}")

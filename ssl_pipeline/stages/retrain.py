@@ -7,8 +7,9 @@ on the test split. Pseudo-labels are weighted by their confidence; those below
 ``retrain.mode``:
 
 * ``head`` - a linear/MLP head on the cached embeddings (fast; the default). The labeled-only head
-  is trained first; with ``retrain.pseudo_targets=soft`` (default) the pseudo-labeled head learns the
-  labeler's label (as a distribution with its confidence on it) times the labeled-only head's posterior.
+  is trained first; with ``retrain.pseudo_targets=auto`` (default) the pseudo-labeled head's recipe is
+  the candidate with the lowest held-out log-loss on the validation folds
+  (:mod:`ssl_pipeline.retrain.recipes`); ``retrain.ensemble`` linear heads are averaged into each model.
 * ``finetune`` - the open_clip image tower plus a head trained on the images with Lightning
   (:class:`~ssl_pipeline.models.module.FinetuneModule`): frozen, last-N-blocks or full
   fine-tuning, weak augmentation, optional FixMatch consistency on unlabeled images, optional

@@ -99,9 +99,13 @@ def test_training_data_filters_and_scales_pseudo_labels():
 
 
 def test_choose_breaks_ties_by_log_loss_then_order():
-    assert recipes.choose({"a": (5, 3.0), "b": (6, 9.0)}, ["a", "b"]) == "b"
-    assert recipes.choose({"a": (6, 3.0), "b": (6, 2.0)}, ["a", "b"]) == "b"
-    assert recipes.choose({"a": (6, 2.0), "b": (6, 2.0)}, ["a", "b"]) == "a"
+    assert recipes.choose({"a": (5, 3.0), "b": (6, 9.0)}, ["a", "b"], "accuracy") == "b"
+    assert recipes.choose({"a": (6, 3.0), "b": (6, 2.0)}, ["a", "b"], "accuracy") == "b"
+    assert recipes.choose({"a": (6, 2.0), "b": (6, 2.0)}, ["a", "b"], "accuracy") == "a"
+    assert recipes.choose({"a": (5, 3.0), "b": (6, 9.0)}, ["a", "b"]) == "a"  # default: the lower log-loss
+    assert recipes.choose({"a": (5, 2.0), "b": (6, 2.0)}, ["a", "b"]) == "b"
+    with pytest.raises(ConfigError, match="retrain.choose_by"):
+        recipes.choose({"a": (5, 2.0)}, ["a"], "vibes")
 
 
 @pytest.mark.parametrize("noise,trusting", [(0.0, True), (0.9, False)], ids=["good-labels", "poor-labels"])

@@ -206,15 +206,17 @@ def test_filter_pseudo_keeps_agreeing_and_top_ranked_labels():
 
 
 def test_head_retrain_chooses_its_recipe_on_the_validation_folds(tmp_path, embeddings_file):
-    """pseudo_targets=auto: every candidate scored on the held-out labeled rows, the best one trained on all labels."""
+    """pseudo_targets=auto: every candidate scored on the held-out labeled rows, the one with the lowest held-out
+    log-loss (retrain.choose_by) trained on all labels."""
     base = ["data=embeddings", f"data.path={embeddings_file}", "pseudolabel=knn", "retrain.steps=30",
             "retrain.logger=none"]
     m = pipeline.run(make_config(*base, cache_dir=tmp_path / "cache"), tmp_path / "auto")
     names = list(OmegaConf.load(ROOT / "conf" / "retrain" / "head.yaml").candidates)
     assert m["retrain/recipe"] in names and m["retrain/recipe_source"] == "validation"
     scores = {n: m[f"val/retrain_accuracy/{n}"] for n in names}
-    assert m["val/retrain_accuracy"] == max(scores.values()) == m["val/accuracy"]
-    assert scores[m["retrain/recipe"]] == max(scores.values())
+    losses = {n: m[f"val/retrain_logloss/{n}"] for n in names}
+    assert m["val/retrain_accuracy"] == scores[m["retrain/recipe"]] == m["val/accuracy"]
+    assert losses[m["retrain/recipe"]] == min(losses.values())
     assert m["val/retrain_n_heldout"] == m["val/n_heldout"] and m["val/source"] == "retrain"
     fixed = pipeline.run(make_config(*base, "retrain.pseudo_targets=hard", cache_dir=tmp_path / "cache"),
                          tmp_path / "hard")
