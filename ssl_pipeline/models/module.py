@@ -230,7 +230,10 @@ class FinetuneModule(L.LightningModule):
         p = float(self.opt.get("simcse_dropout", 0.0))
         z1 = nn.functional.dropout(e_weak, p, training=True)
         z2 = nn.functional.dropout(e_strong, p, training=True)
-        if any(_is_dropout_like(m) and m.training for m in self.net.modules()):
+        def active(m):  # a dropout-like module of the tower that drops something now
+            return _is_dropout_like(m) and m.training and float(getattr(m, "p", getattr(m, "drop_prob", 1.0)) or 0) > 0
+
+        if any(active(m) for m in self.net.visual.modules()):
             with off_dropout(self.net):  # the tower's own dropout off as well
                 z_neg = self.net.embed(x_weak, cached=self.cached)
         else:  # no dropout inside the tower: its pass is already the dropout-off one
