@@ -13,7 +13,7 @@ the class-name text against zero-shot and TIM+text (and the image-only peers, fo
     python benchmarks/labelers.py [--sets food10 ...] [--shots 1 2 4 8] [--seeds 0 1 2]
                                   [--peers tim logreg ...] [--no-text] [--no-image] [--k-ablation]
                                   [--out benchmarks/results/labelers.json] [--data DIR]
-                                  [--hdl key=value ...] [--blas-threads 1]
+                                  [--hdl key=value ...] [--blas-threads 1] [--append]
     python benchmarks/labelers.py --table [--out FILE]     # print the markdown tables of a results file
 """
 
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"results of the slow peers ({', '.join(CACHED)}) reused across runs")
     ap.add_argument("--fresh-peers", action="store_true", help="recompute the cached peers")
     ap.add_argument("--table", action="store_true", help="only print the markdown tables of --out")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into the cells already in --out, replacing those of the same kind, set and n")
     ap.add_argument("--hdl", nargs="*", default=[], metavar="KEY=VALUE", help="HDL constructor overrides")
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="BLAS threads for every method (1 avoids OpenBLAS stalls on busy machines; 0: default)")
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = set(args.peers) if args.peers is not None else None
 
     cache = {} if args.fresh_peers or not args.peer_cache.is_file() else json.loads(args.peer_cache.read_text())
+    before = json.loads(args.out.read_text())["cells"] if args.append and args.out.is_file() else []
     cells = []
     for kind, f in jobs:
         X, y, text = load(f)
@@ -210,15 +213,23 @@ def main(argv: list[str] | None = None) -> int:
             cells.append({"kind": kind, "set": f.stem, "n": n, "seeds": args.seeds, "peers": list(peers),
                           "compared": compared, "mean": mean, "runs": runs, "best_peer": best, "delta_pts": delta})
             _write(args.out, {"protocol": "BENCHMARKS.md sections 1 and 1b", "hdl_params": hdl_params,
-                              "cells": cells, "partial": True})
+                              "cells": _merge(before, cells), "partial": True})
             print(f"[{kind}] {f.stem} n={n}: hdl {mean['hdl']:.3f} vs {best} {mean.get(best, float('nan')):.3f} "
                   f"({delta:+.1f} pts; hdl {mean['hdl_seconds']:.2f}s k={mean['hdl_k']:.1f})",
                   file=sys.stderr, flush=True)
-    result = {"protocol": "BENCHMARKS.md sections 1 and 1b", "hdl_params": hdl_params, "cells": cells}
+    result = {"protocol": "BENCHMARKS.md sections 1 and 1b", "hdl_params": hdl_params,
+              "cells": _merge(before, cells)}
     print(tables(result))
     _write(args.out, result)
     print(f"wrote {args.out}")
     return 0
+
+
+def _merge(before: list[dict], cells: list[dict]) -> list[dict]:
+    """``cells`` plus the cells of ``before`` (an earlier results file) of another (kind, set, n)."""
+    new = {(c["kind"], c["set"], c["n"]) for c in cells}
+    kept = [c for c in before if (c["kind"], c["set"], c["n"]) not in new]
+    return sorted(kept + cells, key=lambda c: (c["kind"] != "text", c["set"], c["n"])) if kept else cells
 
 
 def _write(path: Path, obj) -> None:

@@ -89,7 +89,9 @@ Rules (every constant is generic; nothing is chosen per data set)
    posterior is raised to the power ``1 / temperature_`` (rows renormalised; labels and ranking
    unchanged), the temperature chosen so the mean confidence of the unlabeled rows equals the kept
    tier's leave-one-out accuracy on the labeled rows (rule 5; rule-of-succession smoothed). Without a
-   second label per class there is no held-out evidence and the temperature stays 1.
+   second label per class there is no held-out evidence and the temperature stays 1; with text it stays
+   1 too (that accuracy is the image propagation's alone, well below the text-aided labels', and the text
+   expert's own temperature is already fit on the labeled rows).
 
 Everything is O(N k) memory (sparse N x k graph, N x C dense posteriors; the
 centred rows of the linear expert are made in batches, never as a second copy of
@@ -210,7 +212,7 @@ class HDL(_Choices, BaseLabeler):
         image experts' exponents (``prop_weight`` + the chosen linear weight), so the two modalities weigh
         the same (the image experts are not independent of each other: both read the same images).
     calibrate : bool
-        Fit the confidence temperature of rule 8 (needs a class with two labels).
+        Fit the confidence temperature of rule 8 (needs a class with two labels; not used with text).
     random_state : int
         Seed of k-means and of the subsampling.
 
@@ -425,7 +427,7 @@ class HDL(_Choices, BaseLabeler):
             pool_w = np.concatenate([np.ones(len(lab_rows), np.float32), conf[adm].astype(np.float32)])
 
         self.temperature_ = 1.0
-        if self.calibrate and self.tier_loo_accuracy_ and len(unl_rows):
+        if self.calibrate and P_text is None and self.tier_loo_accuracy_ and len(unl_rows):
             # rule 8: mean confidence of the unlabeled rows = the kept tier's LOO accuracy (smoothed)
             n_ev = len(evaluated)
             target = (self.tier_loo_accuracy_[self.n_tiers_ - 1] * n_ev + 1.0) / (n_ev + 2.0)
