@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -36,20 +35,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, markdown_table, shared_data, write_json  # noqa: E402
+from benchmarks.common import REPO, extract_archive, markdown_table, shared_data, write_json  # noqa: E402
 
 HOME_CACHE = Path.home() / ".cache" / "ssl_pipeline"
 
-
-def extract(archive: Path, dest: Path) -> Path:
-    """Extract ``archive`` into ``dest`` once (a ``.ok`` marker records a finished extraction)."""
-    if not (dest / ".ok").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        print(f"extracting {archive} to {dest} ...", flush=True)
-        with tarfile.open(archive) as t:
-            t.extractall(dest, filter="data")
-        (dest / ".ok").touch()
-    return dest
 
 
 def pool_subset(train: Path, per_class: int, seed: int, dest: Path) -> Path:
@@ -86,9 +75,7 @@ def main() -> None:
     from ssl_pipeline import pipeline
 
     archive = shared_data(a.data) / "images" / "cifar10-jpeg.tar.gz"
-    if not archive.exists():
-        sys.exit(f"{archive} not found")
-    root = extract(archive, HOME_CACHE / "data" / "cifar10")
+    root = extract_archive(archive, HOME_CACHE / "data" / "cifar10")
     pool = pool_subset(root / "train", a.pool_per_class, a.seed,
                        HOME_CACHE / "data" / f"cifar10-pool{a.pool_per_class}-seed{a.seed}")
     test = root / "test"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +17,24 @@ def shared_data(path: str | None = None) -> Path:
     if not p.exists():
         sys.exit(f"benchmark data folder {p} not found: pass --data /path/to/shared/data")
     return p
+
+
+CACHE_DATA = Path.home() / ".cache" / "ssl_pipeline" / "data"  # extracted archives live here, outside the repository
+
+
+def extract_archive(archive: Path, dest: Path) -> Path:
+    """Extract ``archive`` into ``dest`` once (a ``.ok`` marker records a finished extraction); exits with a
+    "skipped" line when the archive is absent."""
+    archive, dest = Path(archive), Path(dest)
+    if not (dest / ".ok").exists():
+        if not archive.exists():
+            sys.exit(f"skipped: archive {archive} is absent (it lives in ../shared/data/images)")
+        dest.mkdir(parents=True, exist_ok=True)
+        print(f"extracting {archive} to {dest} ...", flush=True)
+        with tarfile.open(archive) as t:
+            t.extractall(dest, filter="data")
+        (dest / ".ok").touch()
+    return dest
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

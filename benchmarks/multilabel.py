@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -27,19 +26,13 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.common import CACHE_DATA, extract_archive  # noqa: E402
+
 ARCHIVE = ROOT.parent / "shared" / "data" / "images" / "miml-scenes.tar.gz"
-DATA = Path.home() / ".cache" / "ssl_pipeline" / "data" / "miml"
+DATA = CACHE_DATA / "miml"
 
-
-def extract() -> Path:
-    if not (DATA / ".ok").exists():
-        if not ARCHIVE.exists():
-            sys.exit(f"skipped: the MIML archive {ARCHIVE} is absent (it lives in ../shared/data)")
-        DATA.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(ARCHIVE) as t:
-            t.extractall(DATA, filter="data")
-        (DATA / ".ok").touch()
-    return DATA / "miml"
 
 
 def logreg_map(feats, table, lab, test) -> float:
@@ -101,7 +94,7 @@ def main() -> None:
     from ssl_pipeline.multilabel.features import encode_tokens, load_features
     from ssl_pipeline.pipeline import run
 
-    d = extract()
+    d = extract_archive(ARCHIVE, DATA) / "miml"
     cells = []
     for frac in a.fractions:
         for seed in a.seeds:

@@ -24,27 +24,22 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, markdown_table, print_results_table, shared_data, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CACHE_DATA,
+    REPO,
+    extract_archive,
+    markdown_table,
+    print_results_table,
+    shared_data,
+    write_json,
+)
 
 OUT = REPO / "benchmarks" / "results" / "retrain.json"
-DATA_CACHE = Path.home() / ".cache" / "ssl_pipeline" / "data"
 
-
-def untar(archive: Path, name: str) -> Path:
-    dest = DATA_CACHE / name
-    if not (dest / ".ok").exists():
-        if not archive.exists():
-            sys.exit(f"skipped: archive {archive} is absent (it lives in ../shared/data/images)")
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as t:
-            t.extractall(dest, filter="data")
-        (dest / ".ok").touch()
-    return dest
 
 
 def subset(src: Path | None, per_class: int, out: Path) -> Path:
@@ -63,14 +58,14 @@ def case_overrides(name: str, data: Path) -> tuple[list[str], bool]:
     if name == "demo":
         return [], False
     if name == "cifar10":
-        sub = DATA_CACHE / "cifar10-100pc"
+        sub = CACHE_DATA / "cifar10-100pc"
         d = None if (sub / "train" / ".ok").exists() and (sub / "test" / ".ok").exists() else \
-            untar(data / "images" / "cifar10-jpeg.tar.gz", "cifar10")
+            extract_archive(data / "images" / "cifar10-jpeg.tar.gz", CACHE_DATA / "cifar10")
         train = subset(d / "train" if d else None, 100, sub / "train")
         test = subset(d / "test" if d else None, 100, sub / "test")
         return ["data=image_folder", f"data.root={train}", f"data.test_root={test}", "data.labeled_per_class=4"], False
     if name == "miml":
-        d = untar(data / "images" / "miml-scenes.tar.gz", "miml") / "miml"
+        d = extract_archive(data / "images" / "miml-scenes.tar.gz", CACHE_DATA / "miml") / "miml"
         return ["data=multilabel_csv", f"data.root={d / 'images'}", f"data.manifest={d / 'labels.csv'}",
                 "data.labeled_fraction=0.1"], True
     sys.exit(f"unknown case {name!r}: demo, cifar10 or miml")
