@@ -63,12 +63,12 @@ def fit_ensemble(X: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: int, cf
     n = int(cfg.retrain.get("ensemble", 1) or 1)
     if n < 1:
         raise ConfigError("retrain.ensemble", f"must be >= 1, got {n}")
+    if n > 1 and str(cfg.retrain.head) != "linear":
+        raise ConfigError("retrain.ensemble", f"averages linear heads only (retrain.head={cfg.retrain.head}); "
+                                              "set retrain.ensemble=1")
     first = fit_head(X, y, w, n_classes, cfg, seed, log_dir, name, stats, targets)
     if n == 1:
         return first
-    if str(cfg.retrain.head) != "linear":
-        raise ConfigError("retrain.ensemble", f"averages linear heads only (retrain.head={cfg.retrain.head}); "
-                                              "set retrain.ensemble=1")
     members = [first] + [fit_head(X, y, w, n_classes, cfg, seed + i, None, name, stats, targets) for i in range(1, n)]
     with torch.no_grad():
         for key, t in first.head.state_dict().items():
