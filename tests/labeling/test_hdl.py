@@ -295,6 +295,19 @@ def test_class_balance_is_used_only_when_the_predicted_sizes_look_balanced():
         HDL(balance="yes").fit(X, ym)
 
 
+def test_one_shot_linear_expert_is_dropped_when_it_contradicts_the_propagation():
+    """With one label per class the linear expert's weight cannot be validated: it is kept when it agrees with
+    the propagation on most unlabeled rows of the first tier, dropped below ``min_lin_agreement``."""
+    X, y, _ = blobs([100] * 4, sigma=0.5, seed=2)
+    ym = mask_labels(y, 1, seed=2)
+    u = ym < 0
+    kept = HDL().fit(X, ym)
+    assert kept.lin_agreement_ > 0.9 and kept.lin_weight_ == 1.0
+    dropped = HDL(min_lin_agreement=1.01).fit(X, ym)
+    assert dropped.lin_weight_ == 0.0 and (dropped.labels_[u] == y[u]).mean() > 0.95
+    assert HDL().fit(X, mask_labels(y, 2, seed=2)).lin_agreement_ is None  # two labels: chosen by held-out rows
+
+
 def test_food10_one_shot_class_collapse_is_balanced_away():
     """food10 (250 rows per class), 1 label per class, the benchmark's seed-2 split: one class's only label
     sits in another class's region and, unbalanced, that class absorbs most of the first's rows."""
