@@ -16,22 +16,29 @@ def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_cla
                  theta0: NDArray | None, max_iter: int) -> NDArray[np.float64]:
     """Weighted multinomial logistic regression ``C * sum w CE + ||W||^2 / 2``; returns [W.ravel(), b]."""
     n, d = X.shape
-    Y = np.zeros((n, n_classes), np.float32)
-    Y[np.arange(n), y] = 1.0
-    w = (np.asarray(w, np.float32) * C)[:, None]
+    rows = np.arange(n)
+    y = np.asarray(y, np.int64)
+    wv = np.asarray(w, np.float32) * C
+    w = wv[:, None]
 
     def loss_grad(theta: NDArray) -> tuple[float, NDArray]:
+        # in place on one (n, C) array: scores, then probabilities, then the gradient of the scores
         W = theta[: d * n_classes].reshape(d, n_classes).astype(np.float32)
         b = theta[d * n_classes:].astype(np.float32)
-        S = X @ W + b
+        S = X @ W
+        S += b
         S -= S.max(axis=1, keepdims=True)
-        E = np.exp(S)
-        Zs = E.sum(axis=1, keepdims=True)
+        s_own = S[rows, y].astype(np.float64)
+        np.exp(S, out=S)
+        Zs = S.sum(axis=1, dtype=np.float64)
         wt = theta[: d * n_classes]
-        loss = -float((w * (S - np.log(Zs)) * Y).sum()) + 0.5 * float(np.dot(wt, wt))
-        G = (E / Zs - Y) * w
-        gW = X.T @ G + W
-        return loss, np.concatenate([gW.ravel(), G.sum(axis=0)]).astype(np.float64)
+        loss = -float(np.dot(wv, s_own - np.log(Zs))) + 0.5 * float(np.dot(wt, wt))
+        S /= Zs.astype(np.float32)[:, None]
+        S[rows, y] -= 1.0
+        S *= w
+        gW = X.T @ S
+        gW += W
+        return loss, np.concatenate([gW.ravel(), S.sum(axis=0)]).astype(np.float64)
 
     theta = np.zeros(d * n_classes + n_classes) if theta0 is None else theta0
     res = minimize(loss_grad, theta, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
