@@ -6,12 +6,15 @@ Written by the multi-label retrain (:func:`export_multilabel`) next to the singl
     model.json          task multilabel, head kind ``alignment`` (in_dim, hidden, global_branch,
                         n_contexts, token_dim), backbone config, token input size, per-class thresholds
     head.safetensors    the alignment head's tensors (``head.*``: LayerNorm, projection, class embeddings,
-                        context map, global branch) and the token PCA ``token_pca_mean`` (d,) /
-                        ``token_pca_W`` (d, d') when the run reduced its tokens
+                        context map, global branch), the token PCA ``token_pca_mean`` (d,) /
+                        ``token_pca_W`` (d, d') when the run reduced its tokens, and the retrain's student
+                        (``student.W`` (D, C), ``student.b`` (C,), ``student.ref_emb`` (n_ref, D) float16 pooled
+                        embeddings of the training images, ``student.ref_scores`` (n_ref, C)) unless it chose
+                        the head alone; ``model.json`` ``head.student`` holds its mix weights
     tower.safetensors   only for a tower without a loadable source (``backbone.pretrained: null``)
 
 Decisions: class k is decided when its probability is at or above ``thresholds[k]``, the
-class-aware cut of the training images (the ``pi_k`` share of them with the highest teacher
+class-aware cut of the training images (the ``pi_k`` share of them with the highest final
 scores, ``pi_k`` the smoothed labeled frequency of k; :mod:`ssl_pipeline.multilabel.thresholds`).
 """
 
@@ -29,45 +32,78 @@ from ssl_pipeline.model.load import ExportedModel
 
 
 class MultiLabelModel(ExportedModel):
-    """An exported multi-label model; inputs (B, 3, S, S) squashed images, (B, P, d) tokens or (B, D) pooled
-    embeddings (a model over an embeddings file: one token per image). ``forward`` gives (B, C) logits."""
+    """An exported multi-label model; inputs (B, 3, S, S) squashed images, (B, P, d) tokens (a model without a
+    student only) or (B, D) pooled embeddings (a model over an embeddings file: one token per image).
+    ``forward`` gives (B, C) logits."""
 
     def __init__(self, config: dict, visual: nn.Module | None, head: nn.Module, transform,
-                 pca: tuple[torch.Tensor, torch.Tensor] | None):
+                 pca: tuple[torch.Tensor, torch.Tensor] | None, student: dict[str, torch.Tensor] | None = None):
         super().__init__(config, visual, head, transform, None, None)
         self.has_pca = pca is not None
         if pca is not None:
             self.register_buffer("token_pca_mean", pca[0].float())
             self.register_buffer("token_pca_W", pca[1].float())
+        self.has_student = student is not None
+        if student is not None:
+            st = config["head"]["student"]
+            self.head_weight, self.knn_alpha = float(st["head_weight"]), float(st["knn_alpha"])
+            self.knn_k, self.knn_power = int(st["knn_k"]), float(st["knn_power"])
+            for k in ("W", "b", "ref_scores"):
+                self.register_buffer(f"student_{k}", student[k].float())
+            self.register_buffer("student_ref_emb", student["ref_emb"].half())
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) images -> (B, P, d') head inputs, rounded to float16 as the encode cache stores them."""
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) images -> ((B, P, d') head inputs, (B, D) pooled embeddings or None for token inputs),
+        rounded to float16 as the encode cache stores them."""
         from ssl_pipeline.multilabel.features import extract
 
+        pooled = None
         if x.ndim == 2:
-            t = x[:, None, :].float()
+            t, pooled = x[:, None, :].float(), x.float()
         elif x.ndim == 3:
             t = x.float()
         else:
             if self.visual is None:
                 raise DataError("this model was exported from precomputed embeddings: give it (B, D) embeddings")
-            t = extract(types.SimpleNamespace(visual=self.visual), x)[0]
+            t, pooled, _ = extract(types.SimpleNamespace(visual=self.visual), x)
         t = t.half().float()
         if self.has_pca:
             t = ((t - self.token_pca_mean) @ self.token_pca_W).half().float()
-        return t
+        return t, None if pooled is None else pooled.half().float()
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, P, d') head inputs (:meth:`encode`)."""
+        return self.encode(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tokens(x))[0]
+        t, pooled = self.encode(x)
+        logits = self.head(t)[0]
+        if not self.has_student:
+            return logits
+        if pooled is None:
+            raise DataError("this model mixes a pooled-embedding student: give it images or (B, D) embeddings, "
+                            "not spatial tokens")
+        lin = torch.sigmoid(pooled @ self.student_W + self.student_b)
+        s0 = self.head_weight * torch.sigmoid(logits) + (1.0 - self.head_weight) * lin
+        if self.knn_alpha > 0:
+            sims, idx = (pooled @ self.student_ref_emb.float().T).topk(min(self.knn_k, len(self.student_ref_emb)),
+                                                                        dim=1)
+            w = sims.clamp_min(0) ** self.knn_power
+            den = w.sum(1, keepdim=True)
+            vote = torch.einsum("bk,bkc->bc", w, self.student_ref_scores[idx]) / den.clamp_min(1e-12)
+            s0 = (1.0 - self.knn_alpha) * s0 + self.knn_alpha * torch.where(den > 0, vote, s0)
+        s0 = s0.clamp(1e-7, 1 - 1e-7)
+        return torch.log(s0) - torch.log1p(-s0)
 
 
 def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module, head_spec: dict,
                       pca: tuple[np.ndarray, np.ndarray] | None, thresholds: np.ndarray, image_size: int | None,
-                      metrics: dict) -> Path | None:
+                      metrics: dict, student=None) -> Path | None:
     """Write ``<run_dir>/model/`` for the multi-label head ``head`` (an AlignmentHead); rank 0 only.
 
     ``head_spec``: in_dim, hidden, global_branch, n_contexts; ``pca``: (mean (d,), W (d, d')) or None;
-    ``thresholds`` (C,); ``image_size``: the squashed input size of the encode stage (None: embeddings).
+    ``thresholds`` (C,); ``image_size``: the squashed input size of the encode stage (None: embeddings);
+    ``student``: the retrain's :class:`~ssl_pipeline.multilabel.student.Student` or None (the head alone).
     """
     from omegaconf import OmegaConf
 
@@ -79,6 +115,15 @@ def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module
     if pca is not None:
         state["token_pca_mean"] = torch.from_numpy(np.asarray(pca[0], np.float32))
         state["token_pca_W"] = torch.from_numpy(np.asarray(pca[1], np.float32))
+    head_spec = dict(head_spec)
+    if student is not None:
+        state.update({"student.W": torch.from_numpy(np.asarray(student.W, np.float32)),
+                      "student.b": torch.from_numpy(np.asarray(student.b, np.float32)),
+                      "student.ref_emb": torch.from_numpy(np.asarray(student.ref_X, np.float16)),
+                      "student.ref_scores": torch.from_numpy(np.asarray(student.ref_S, np.float32))})
+        head_spec["student"] = {"linear_lambda": student.cand.lam, "head_weight": student.cand.w,
+                                "knn_alpha": student.cand.alpha, "knn_k": student.k, "knn_power": student.power,
+                                "n_reference": int(len(student.ref_X))}
     embeddings_only = cfg.data.kind == "embeddings" or image_size is None
     bcfg = None if embeddings_only else OmegaConf.to_container(cfg.backbone, resolve=True)
     tower, pre = None, None
@@ -120,4 +165,10 @@ def load_multilabel(path: Path, doc: dict, tensors: dict[str, torch.Tensor], vis
         pca = (tensors["token_pca_mean"], tensors["token_pca_W"])
     if doc.get("thresholds") is None or len(doc["thresholds"]) != len(doc["classes"]):
         raise DataError(f"{path / 'model.json'}: a multi-label model needs one threshold per class")
-    return MultiLabelModel(doc, visual, head, transform, pca)
+    student = None
+    if spec.get("student") is not None:
+        student = {k: tensors.get(f"student.{k}") for k in ("W", "b", "ref_emb", "ref_scores")}
+        missing = [f"student.{k}" for k, v in student.items() if v is None]
+        if missing:
+            raise DataError(f"{path / 'head.safetensors'}: student tensors {', '.join(missing)} missing")
+    return MultiLabelModel(doc, visual, head, transform, pca, student)

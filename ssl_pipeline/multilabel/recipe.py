@@ -101,12 +101,13 @@ def build_pseudolabels(ctx, out: Path) -> dict:
 
 def _validate(cfg, s: dict, tokens, Y, labeled, graph, text, out: Path) -> dict:
     """Refit with each held-out fold of labeled images hidden: ``val/map`` of its pseudo-label scores on the fold;
-    the fold's teacher scores are kept (``val_teacher.npz``) for the retrain stage's ``val/retrain_map``."""
+    the fold's teacher and pseudo-label scores of every row are kept (``val_teacher.npz``) for the retrain stage's
+    choice of its student (:func:`ssl_pipeline.multilabel.student.choose`)."""
     folds = validation.multilabel_folds(Y, labeled, validation.settings(cfg))
     if not folds:
         return {}
     t0 = time.perf_counter()
-    held_all, pseudo, teacher = [], [], []
+    held_all, pseudo, teacher, fold_teacher, fold_scores = [], [], [], [], []
     for held in folds:
         lab_f = labeled.copy()
         lab_f[held] = False
@@ -114,8 +115,12 @@ def _validate(cfg, s: dict, tokens, Y, labeled, graph, text, out: Path) -> dict:
         held_all.append(held)
         pseudo.append(f.scores_[held])
         teacher.append(f.teacher_scores_[held])
+        fold_teacher.append(f.teacher_scores_.astype(np.float32))
+        fold_scores.append(f.scores_.astype(np.float32))
     held = np.concatenate(held_all)
-    np.savez(out / "val_teacher.npz", rows=held, teacher=np.concatenate(teacher), pseudo=np.concatenate(pseudo))
+    fold_id = np.concatenate([np.full(len(h), i) for i, h in enumerate(held_all)])
+    np.savez(out / "val_teacher.npz", rows=held, teacher=np.concatenate(teacher), pseudo=np.concatenate(pseudo),
+             fold=fold_id, fold_teacher=np.stack(fold_teacher), fold_scores=np.stack(fold_scores))
     v = macro_map(Y[held], np.concatenate(pseudo))
     log.info("pseudolabel: validation on %d held-out labeled images: mAP %.4f", len(held), v)
     return {"val/map": v, "val/pseudolabel_map": v, "val/n_heldout": len(held), "val/folds": len(folds),
@@ -199,9 +204,56 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     return m
 
 
+def _student_folds(pl_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The pseudolabel stage's held-out folds as :func:`~ssl_pipeline.multilabel.student.choose` reads them:
+    (held positions, the fold labeler's head scores (n, C), its pseudo-label scores (n, C)); [] without folds."""
+    f = pl_dir / "val_teacher.npz"
+    if not f.exists():
+        return []
+    v = np.load(f)
+    if "fold_teacher" not in v or v["fold_teacher"].shape[1] != n:
+        return []
+    return [(v["rows"][v["fold"] == i], v["fold_teacher"][i], v["fold_scores"][i])
+            for i in range(len(v["fold_teacher"]))]
+
+
+def fit_retrain_student(ctx, s: dict, semi: CSALabeler, feats, pos: np.ndarray, pl_dir: Path):
+    """The student of the retrain (:mod:`ssl_pipeline.multilabel.student`): its candidate chosen on the held-out
+    folds (without folds: the head alone), fitted on all training rows. Returns (student, val metrics,
+    training-row arrays: rows, pooled X, head scores)."""
+    from ssl_pipeline.multilabel.student import Candidate, choose, fit_student
+
+    table, st = ctx.table, s["student"]
+    arr = read_arrays(pl_dir, ("rows", "labeled", "scores"))
+    rows, labeled = arr["rows"], arr["labeled"].astype(bool)
+    Y = np.asarray(table.y_true)[rows].astype(np.float32)
+    X = feats.pooled[pos[rows]]
+    H = predict(semi.head_, semi.transform(feats.tokens[pos[rows]]))[0]
+    folds = _student_folds(pl_dir, len(rows))
+    m: dict = {}
+    if folds:
+        t0 = time.perf_counter()
+        cand, vals = choose(X, Y, labeled, folds, st)
+        m.update({f"val/student/{k}": round(v, 4) for k, v in vals.items()})
+        m.update({"val/student_map": vals[cand.name], "val/student_seconds": round(time.perf_counter() - t0, 2)})
+        m["val/logreg_map"] = vals.get(Candidate(0.0, 0.0, 0.0).name)
+        m["val/head_map"] = vals.get(Candidate(0.0, 1.0, 0.0).name)
+    else:
+        cand = Candidate(0.0, 1.0, 0.0)
+    m.update({"retrain/student": cand.name, "retrain/student_lambda": cand.lam,
+              "retrain/student_head_weight": cand.w, "retrain/student_knn_alpha": cand.alpha,
+              "retrain/uses_unlabeled": bool(cand.w > 0 or cand.lam > 0 or cand.alpha > 0)})
+    student = fit_student(cand, X, Y, labeled, arr["scores"], H, st)
+    return student, m, (rows, labeled, X, H, Y)
+
+
 def build_retrain(ctx, out: Path) -> dict:
-    """The retrain stage on multi-label data: semi-supervised teacher vs labeled-only head on the test split
-    (``loss=unidec`` / ``psl``: the dual encoder instead, :func:`_retrain_dual_encoder`)."""
+    """The retrain stage on multi-label data: the student (:func:`fit_retrain_student`: the semi-supervised
+    alignment head, a pooled linear model on labeled + pseudo-labeled images, neighbour smoothing, mixed as the
+    held-out folds choose) vs the alignment head on the labeled images only and a logistic regression on their
+    pooled embeddings, on the test split (``loss=unidec`` / ``psl``: the dual encoder instead,
+    :func:`_retrain_dual_encoder`)."""
+    from ssl_pipeline.multilabel.student import Candidate, fit_student
     from ssl_pipeline.retrain.options import multilabel_loss
 
     if multilabel_loss(ctx.cfg) is not None:
@@ -211,12 +263,11 @@ def build_retrain(ctx, out: Path) -> dict:
     t0 = time.perf_counter()
     pl_dir = ctx.path("pseudolabel")
     feats = features_of(ctx.path("encode"), ctx.table)
-    arr = read_arrays(pl_dir, ("rows", "labeled"))
-    rows, labeled = arr["rows"], arr["labeled"].astype(bool)
     semi = CSALabeler.load(pl_dir, s, seed)
     pos = np.full(len(table), -1, np.int64)
     pos[feats.rows] = np.arange(len(feats.rows))
     test = np.flatnonzero(table.test & (pos >= 0))
+    student, mv, (rows, labeled, X, H, Y_rows) = fit_retrain_student(ctx, s, semi, feats, pos, pl_dir)
     lab = rows[labeled]
     Y = np.asarray(table.y_true).astype(np.int8)
     tok_lab, tok_test = semi.transform(feats.tokens[pos[lab]]), semi.transform(feats.tokens[pos[test]])
@@ -224,26 +275,59 @@ def build_retrain(ctx, out: Path) -> dict:
     ctx_lab = context_targets(Y_lab, semi.context_of_)
     lab_only = fit(semi.new_head(), tok_lab, torch.from_numpy(Y_lab.astype(np.float32)), torch.from_numpy(ctx_lab),
                    None, None, s, seed)
-    S_semi, _ = predict(semi.head_, tok_test)
+    H_test, _ = predict(semi.head_, tok_test)
+    S_semi = student.scores(feats.pooled[pos[test]], H_test)
     S_lab, _ = predict(lab_only.teacher, tok_test)
-    m: dict = {"retrain/mode": "multilabel", "retrain/n_test": len(test), "retrain/n_train": len(rows)}
+    logreg = fit_student(Candidate(0.0, 0.0, 0.0), X, Y_rows, labeled, Y_rows, H, s["student"])
+    S_lr = logreg.scores(feats.pooled[pos[test]], H_test)
+    m: dict = {"retrain/mode": "multilabel", "retrain/n_test": len(test), "retrain/n_train": len(rows), **mv}
     if len(test):
         m.update(test_metrics(Y[test], S_semi))
         m.update(test_metrics(Y[test], S_lab, "retrain/labeled_only_test"))
+        m["retrain/head_test_map"] = macro_map(Y[test], H_test)
+        m["retrain/logreg_test_map"] = macro_map(Y[test], S_lr)
         m["retrain/gain"] = m["retrain/test_map"] - m["retrain/labeled_only_test_map"]
+        m["retrain/gain_vs_best_baseline"] = m["retrain/test_map"] - max(m["retrain/labeled_only_test_map"],
+                                                                        m["retrain/logreg_test_map"])
     if (pl_dir / "val_teacher.npz").exists():
         v = np.load(pl_dir / "val_teacher.npz")
-        m["val/retrain_map"] = m["val/map"] = macro_map(Y[rows[v["rows"]]], v["teacher"])
-    write_arrays(out, {"rows_test": test, "test_scores": S_semi, "test_scores_labeled_only": S_lab})
+        m["val/retrain_map"] = m["val/map"] = m.get("val/student_map", macro_map(Y[rows[v["rows"]]], v["teacher"]))
+    write_arrays(out, {"rows_test": test, "test_scores": S_semi, "test_scores_labeled_only": S_lab,
+                       "test_scores_head": H_test, "test_scores_logreg": S_lr})
+    save_student(student, out)
     torch.save(lab_only.teacher.state_dict(), out / "head_labeled_only.pt")
     m["retrain/seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("retrain: student %s, test mAP %.4f (head %.4f, labeled-only head %.4f, logistic regression %.4f)",
+             student.cand.name, m.get("retrain/test_map", -1), m.get("retrain/head_test_map", -1),
+             m.get("retrain/labeled_only_test_map", -1), m.get("retrain/logreg_test_map", -1))
     return m
 
 
-def export_model_folder(ctx, metrics: dict) -> None:
+def save_student(student, out: Path) -> None:
+    """The fitted student's arrays (``student.npz``) and candidate (``student.json``) in the retrain artifact."""
+    np.savez(out / "student.npz", W=student.W, b=student.b, ref_X=student.ref_X.astype(np.float16),
+             ref_S=student.ref_S)
+    write_json(out / "student.json", {"lam": student.cand.lam, "w": student.cand.w, "alpha": student.cand.alpha,
+                                      "k": student.k, "power": student.power})
+
+
+def load_student(folder: Path):
+    """The :class:`~ssl_pipeline.multilabel.student.Student` of :func:`save_student`."""
+    import json
+
+    from ssl_pipeline.multilabel.student import Candidate, Student
+
+    a, j = np.load(folder / "student.npz"), json.loads((folder / "student.json").read_text())
+    return Student(Candidate(j["lam"], j["w"], j["alpha"]), a["W"], a["b"], a["ref_X"].astype(np.float32),
+                   a["ref_S"], int(j["k"]), float(j["power"]))
+
+
+def export_model_folder(ctx, metrics: dict, retrain_dir: Path) -> None:
     """``<run dir>/model/`` of a multi-label retrain: the semi-supervised alignment head (the pseudolabel stage's
-    teacher), its token PCA, and per-class thresholds, the class-aware cut of its scores on the training images
-    (:func:`~ssl_pipeline.multilabel.thresholds.class_aware_pseudolabels` with the labeled frequencies, no band).
+    teacher), its token PCA, the retrain's student (linear member, mix, neighbour references) unless it chose the
+    head alone, and per-class thresholds, the class-aware cut of the final scores on the training images (each
+    without its own neighbour vote; :func:`~ssl_pipeline.multilabel.thresholds.class_aware_pseudolabels` with the
+    labeled frequencies, no band).
     ``loss=unidec`` / ``psl`` (a dual encoder on pooled features) has no exporter yet: a warning says so."""
     import json
 
@@ -266,16 +350,23 @@ def export_model_folder(ctx, metrics: dict) -> None:
     pos[feats.rows] = np.arange(len(feats.rows))
     Y = np.asarray(table.y_true).astype(np.int8)
     S, _ = predict(semi.head_, semi.transform(feats.tokens[pos[rows]]))
+    student = load_student(Path(retrain_dir))
+    if student.cand.w < 1.0 or student.cand.alpha > 0:  # each training image's score without its own vote
+        S = student.scores(feats.pooled[pos[rows]], S, self_pos=np.arange(len(rows)))
+    else:
+        student = None
     pi = class_frequencies(Y[rows[labeled]], float(s["pseudo"]["prior_strength"]))
     tau = class_aware_pseudolabels(S, pi, 0.0)[0]
-    tau = np.where(np.isfinite(tau), tau, 1.0)
+    # the image at the cut stays positive under the model's float32 arithmetic (the student's scores here are
+    # numpy's, the model's torch's: they differ by ~1e-7)
+    tau = np.where(np.isfinite(tau), tau - (1e-6 if student is not None else 0.0), 1.0)
     meta = ctx.path("encode") / "meta.json"
     size = None if table.meta.get("embeddings_only") or not meta.exists() else \
         json.loads(meta.read_text()).get("image_size")
     spec = {"in_dim": int(semi.dim_), "hidden": int(s["hidden"]), "global_branch": bool(s["global_branch"]),
             "n_contexts": int(np.max(semi.context_of_)) + 1}
     export_multilabel(ctx.run_dir, cfg=cfg, classes=list(table.classes), head=semi.head_, head_spec=spec,
-                      pca=semi.pca_, thresholds=tau, image_size=size, metrics=metrics)
+                      pca=semi.pca_, thresholds=tau, image_size=size, metrics=metrics, student=student)
 
 
 def _write_generic(rows: list[dict], run_dir: Path) -> None:

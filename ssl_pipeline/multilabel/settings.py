@@ -35,6 +35,14 @@ DEFAULTS: dict = {
         "context_veto": True,
     },
     "contexts": {"n_contexts": None, "min_contexts": 2, "max_contexts": None},
+    "student": {                 # the retrain's pooled-feature student (ssl_pipeline.multilabel.student)
+        "lambdas": [0.0, 1.0, 3.0],    # weights of the pseudo-labeled images in its linear fit (0 = labeled only)
+        "head_weights": [0.0, 0.5, 1.0],  # weights of the alignment head in the mix (1 = the head alone)
+        "knn_alphas": [0.0, 0.5],      # weights of the neighbour vote over the training images
+        "C": 10.0,                     # inverse L2 strength of the linear member (scikit-learn's C)
+        "knn_k": 10,
+        "knn_power": 3.0,
+    },
 }
 
 
@@ -67,6 +75,19 @@ def settings(cfg: DictConfig) -> dict:
         raise ConfigError("multilabel.token_keep_min", f"must be in (0, 1], got {s['token_keep_min']}")
     if not 0.0 <= float(s["ema"]) < 1.0:
         raise ConfigError("multilabel.ema", f"must be in [0, 1), got {s['ema']}")
+    st = s["student"] = dict(s["student"])
+    for k in ("lambdas", "head_weights", "knn_alphas"):
+        vals = st[k] if isinstance(st[k], (list, tuple)) else [st[k]]
+        if not vals:
+            raise ConfigError(f"multilabel.student.{k}", "must list at least one value")
+        lo, hi = (0.0, float("inf")) if k == "lambdas" else (0.0, 1.0)
+        for v in vals:
+            if not lo <= float(v) <= hi:
+                raise ConfigError(f"multilabel.student.{k}", f"values must be in [{lo:g}, {hi:g}], got {v}")
+        st[k] = [float(v) for v in vals]
+    if float(st["C"]) <= 0 or int(st["knn_k"]) < 1:
+        raise ConfigError("multilabel.student", f"C must be > 0 and knn_k >= 1, got C={st['C']}, "
+                          f"knn_k={st['knn_k']}")
     return s
 
 
