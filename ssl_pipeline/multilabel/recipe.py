@@ -240,11 +240,12 @@ def build_retrain(ctx, out: Path) -> dict:
     return m
 
 
-def export_model_folder(ctx, metrics: dict) -> None:
+def export_model_folder(ctx, metrics: dict, stage_dir: Path) -> None:
     """``<run dir>/model/`` of a multi-label retrain: the semi-supervised alignment head (the pseudolabel stage's
     teacher), its token PCA, and per-class thresholds, the class-aware cut of its scores on the training images
     (:func:`~ssl_pipeline.multilabel.thresholds.class_aware_pseudolabels` with the labeled frequencies, no band).
-    ``loss=unidec`` / ``psl`` (a dual encoder on pooled features) has no exporter yet: a warning says so."""
+    ``loss=unidec`` / ``psl``: the semi-supervised dual encoder of the retrain artifact ``stage_dir``
+    (:func:`ssl_pipeline.model.dual_encoder.export_dual_encoder`)."""
     import json
 
     from ssl_pipeline.model.multilabel import export_multilabel
@@ -253,8 +254,9 @@ def export_model_folder(ctx, metrics: dict) -> None:
 
     cfg, table = ctx.cfg, ctx.table
     if multilabel_loss(cfg) is not None:
-        log.warning("retrain: the %s dual encoder is not exported (no model/ folder); the default multi-label "
-                    "recipe is", multilabel_loss(cfg))
+        from ssl_pipeline.model.dual_encoder import export_dual_encoder
+
+        export_dual_encoder(ctx, metrics, stage_dir)
         return
     s, seed = settings(cfg), int(cfg.seed)
     pl_dir = ctx.path("pseudolabel")

@@ -51,7 +51,7 @@ class Retrain(Stage):
                     st.metrics = build_retrain(ctx, st.dir)
             from ssl_pipeline.multilabel.recipe import export_model_folder
 
-            export_model_folder(ctx, st.metrics)  # <run dir>/model/, also when the artifact is reused
+            export_model_folder(ctx, st.metrics, st.path)  # <run dir>/model/, also when the artifact is reused
             return StageResult(st.path, st.metrics, key)
         from ssl_pipeline.stages import retrain  # torch + Lightning: loaded only when a run retrains
 
