@@ -229,8 +229,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
     hs = _tensors(path, HEAD_FILE, digests)
     C = len(doc["classes"])
     alignment = spec.get("kind") == "alignment"  # a multi-label alignment head on spatial tokens
+    dual = spec.get("kind") == "dual_encoder"  # a multi-label dual encoder on pooled embeddings (loss=unidec/psl)
     head = mean = std = None
-    if not alignment:
+    if not (alignment or dual):
         head = make_head(spec["kind"], int(spec["in_dim"]), C, int(spec.get("hidden", 512)), 0.0)
         try:
             head.load_state_dict({k[len("head."):]: v for k, v in hs.items() if k.startswith("head.")})
@@ -242,7 +243,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
             raise DataError(f"{path / HEAD_FILE}: standardisation tensors feature_mean / feature_std missing")
     visual, transform = None, None
     if doc["input"] == "images":
-        visual, transform = _tower(path, doc, digests, alignment)
+        visual, transform = _tower(path, doc, digests, alignment or dual)
+    if dual:
+        from ssl_pipeline.model.dual_encoder import load_dual_encoder
+
+        return load_dual_encoder(path, doc, hs, visual, transform).to(device).eval()
     if alignment:
         from ssl_pipeline.model.multilabel import load_multilabel
 

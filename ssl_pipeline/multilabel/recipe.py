@@ -328,7 +328,8 @@ def export_model_folder(ctx, metrics: dict, retrain_dir: Path) -> None:
     head alone, and per-class thresholds, the class-aware cut of the final scores on the training images (each
     without its own neighbour vote; :func:`~ssl_pipeline.multilabel.thresholds.class_aware_pseudolabels` with the
     labeled frequencies, no band).
-    ``loss=unidec`` / ``psl`` (a dual encoder on pooled features) has no exporter yet: a warning says so."""
+    ``loss=unidec`` / ``psl``: the semi-supervised dual encoder of the retrain artifact ``retrain_dir``
+    (:func:`ssl_pipeline.model.dual_encoder.export_dual_encoder`)."""
     import json
 
     from ssl_pipeline.model.multilabel import export_multilabel
@@ -337,8 +338,9 @@ def export_model_folder(ctx, metrics: dict, retrain_dir: Path) -> None:
 
     cfg, table = ctx.cfg, ctx.table
     if multilabel_loss(cfg) is not None:
-        log.warning("retrain: the %s dual encoder is not exported (no model/ folder); the default multi-label "
-                    "recipe is", multilabel_loss(cfg))
+        from ssl_pipeline.model.dual_encoder import export_dual_encoder
+
+        export_dual_encoder(ctx, metrics, retrain_dir)
         return
     s, seed = settings(cfg), int(cfg.seed)
     pl_dir = ctx.path("pseudolabel")

@@ -2,7 +2,7 @@
 
 The labeled-only head is trained first. ``retrain.pseudo_targets=auto`` (default) picks how the
 pseudo-labeled head uses the pseudo-labels (among ``retrain.candidates``: by default every trusted
-pseudo-label, or the top half per class) by the held-out score of ``retrain.choose_by`` (log-loss by
+pseudo-label, the top half per class, or soft targets) by the held-out score of ``retrain.choose_by`` (log-loss by
 default) on the validation folds (:mod:`ssl_pipeline.retrain.recipes`); ``soft``: the labeler's label (as a
 distribution with its confidence on it) times the labeled-only head's posterior; ``hard``: the label.
 Runs on ``cfg.trainer`` (``trainer=ddp trainer.devices=N``: N processes, each taking its share of

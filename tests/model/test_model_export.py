@@ -39,8 +39,12 @@ def assert_no_pickle(folder: Path) -> None:
     assert files
     for p in files:
         assert p.suffix not in PICKLE_SUFFIXES, p
-        head = p.read_bytes()[:2]
-        assert head[:1] != b"\x80" and head != b"PK", f"{p.name} looks like a pickle / torch.save archive"
+        data = p.read_bytes()
+        if p.suffix == ".safetensors":  # 8-byte little-endian header length, then that much JSON, then raw tensors
+            n = int.from_bytes(data[:8], "little")
+            assert 0 < n <= len(data) - 8 and isinstance(json.loads(data[8:8 + n]), dict), f"{p.name}: not safetensors"
+            continue
+        assert data[:1] != b"\x80" and data[:2] != b"PK", f"{p.name} looks like a pickle / torch.save archive"
 
 
 def test_retrain_writes_a_model_folder_without_pickle(head_run):

@@ -62,7 +62,7 @@ def cfg_for(*extra: str):
 def test_candidates_are_validated():
     cfg = cfg_for()
     names = [c.name for c in recipes.candidates(cfg.retrain)]
-    assert names == ["trust", "top50"]
+    assert names == ["trust", "top50", "soft"]
     with pytest.raises(ConfigError, match="retrain.candidates.x"):
         recipes.candidates(cfg_for("+retrain.candidates.x={targets: hard, bogus: 1}").retrain)
     with pytest.raises(ConfigError, match="retrain.candidates.y.targets"):

@@ -1,0 +1,91 @@
+"""The ``loss=unidec`` / ``loss=psl`` model folder: exported by the multi-label retrain, loaded without unpickling,
+the run's test scores back from the loaded model (embeddings and image files), ``stage=predict`` on images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ssl_pipeline
+from ssl_pipeline import pipeline
+from ssl_pipeline.data.multilabel import multilabel_csv_table
+from ssl_pipeline.errors import DataError
+from ssl_pipeline.multilabel.settings import macro_map
+from tests.conftest import make_config
+from tests.model.test_model_export import assert_no_pickle
+from tests.multilabel.test_ml_embeddings import FAST, ml_embeddings
+from tests.multilabel.test_ml_run import COLOURS, make_mosaics, tiny_ml_config
+
+
+def _test_scores(run_dir):
+    art = json.loads((run_dir / "artifacts.json").read_text())["retrain"]
+    return np.load(f"{art}/rows_test.npy"), np.load(f"{art}/test_scores.npy")
+
+
+def test_unidec_on_embeddings_exports_a_model_with_the_runs_scores(tmp_path):
+    f = ml_embeddings(tmp_path / "ml.npz")
+    m = pipeline.run(make_config("data=embeddings", f"data.path={f}", *FAST, "loss=unidec", "++loss.steps=60",
+                                 "++loss.refresh_every=20", cache_dir=tmp_path / "cache"), tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    assert_no_pickle(folder)
+    doc = json.loads((folder / "model.json").read_text())
+    assert doc["task"] == "multilabel" and doc["input"] == "embeddings" and doc["head"]["kind"] == "dual_encoder"
+    assert doc["head"]["loss"] == "unidec" and doc["head"]["use_clf"] and len(doc["thresholds"]) == 6
+    assert doc["metrics"]["retrain/test_map"] == pytest.approx(m["retrain/test_map"])
+    a, b = doc["head"]["platt"]
+    assert a > 0  # a higher score means a likelier label
+    model = ssl_pipeline.load_model(folder)
+    rows, S = _test_scores(tmp_path / "run")
+    X = torch.from_numpy(np.load(f)["X"][rows])
+    np.testing.assert_allclose(model.scores(X).detach().numpy(), S, rtol=1e-4, atol=1e-3)
+    P = model.predict_proba(X).numpy()
+    assert P.shape == S.shape and (0 <= P).all() and (P <= 1).all()
+    Y = np.load(f)["Y"][rows]
+    assert macro_map(Y, P) == pytest.approx(m["retrain/test_map"], abs=1e-6)  # Platt scaling keeps the ranking
+    labels = model.predict(X)
+    assert labels == ["|".join(c for c, p, t in zip(doc["classes"], r, doc["thresholds"]) if p >= t) for r in P]
+    with pytest.raises(DataError, match="precomputed embeddings"):
+        model.predict_proba(torch.zeros(2, 3, 8, 8))
+
+
+def test_psl_on_images_exports_a_model_that_predicts_image_files(tmp_path):
+    root = make_mosaics(tmp_path / "mosaics")
+    cfg = tiny_ml_config(root, tmp_path, "loss=psl", "++loss.steps=40", "++loss.refresh_every=20")
+    m = pipeline.run(cfg, tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    assert_no_pickle(folder)
+    doc = json.loads((folder / "model.json").read_text())
+    assert doc["head"]["kind"] == "dual_encoder" and doc["head"]["loss"] == "psl" and not doc["head"]["use_clf"]
+    assert doc["input"] == "images" and doc["classes"] == list(COLOURS)
+    model = ssl_pipeline.load_model(folder)
+    table = multilabel_csv_table(cfg.data)
+    rows, S = _test_scores(tmp_path / "run")
+    paths = [table.paths[r] for r in rows]
+    Sm = model.scores(model.to_batch(paths)).detach().numpy()
+    np.testing.assert_allclose(Sm, S, atol=0.05)  # float16 pooled embeddings, as the encode cache stores them
+    P = model.predict_proba(paths, batch_size=4).numpy()
+    assert macro_map(np.asarray(table.y_true)[rows], P) == pytest.approx(m["retrain/test_map"], abs=0.02)
+    pm = pipeline.run(make_config("stage=predict", f"predict.model={folder}", f"predict.images={root / 'img'}",
+                                  cache_dir=tmp_path / "cache"), tmp_path / "pred")
+    out = list(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
+    assert pm["predict/n_skipped"] == 0 and len(out) == len(list((root / "img").iterdir()))
+    for r in out[:10]:
+        p = [float(r[f"p_{c}"]) for c in COLOURS]
+        assert r["label"] == "|".join(c for c, q, t in zip(COLOURS, p, doc["thresholds"]) if q >= t - 1e-6)
+
+
+def test_a_damaged_dual_encoder_folder_is_refused_in_one_line(tmp_path):
+    f = ml_embeddings(tmp_path / "ml.npz")
+    pipeline.run(make_config("data=embeddings", f"data.path={f}", *FAST, "loss=psl", "++loss.steps=20",
+                             cache_dir=tmp_path / "cache"), tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    doc = json.loads((folder / "model.json").read_text())
+    del doc["head"]["platt"]
+    (folder / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="dual_encoder head field 'platt' missing") as e:
+        ssl_pipeline.load_model(folder)
+    assert "\n" not in str(e.value)
