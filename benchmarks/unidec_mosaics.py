@@ -24,6 +24,7 @@ shared; only the retrain step differs), each ``python -m ssl_pipeline stage=retr
 * ``unidec``: ``loss=unidec``, the dual encoder + classifier trained with PSL and faiss hard negatives on the
               labeled + pseudo-labeled mosaics, the pseudo-labeled rows weighted by ``unlabeled_weight=auto``
               (chosen on the held-out labeled fold; the table lists the choice and its seconds are included).
+* ``unidec_fixed``: ``loss=unidec`` with a fixed ``loss.unlabeled_weight`` (``--fixed 0.25``: the former default).
 * ``psl``:    ``loss=psl`` (the DE head alone), with ``--psl``.
 * ``bce``:    one-vs-rest logistic regression on the labeled mosaics only (sklearn; BCE, no pseudo-labels), a
               plain reference outside the pipeline.
@@ -31,7 +32,7 @@ shared; only the retrain step differs), each ``python -m ssl_pipeline stage=retr
 Reported: macro mAP, P@1, P@5 on the test mosaics, the labeled-only variant of each pipeline run, seconds
 (the retrain stage; asl also lists the shared pseudolabel stage's seconds).
 
-    python benchmarks/unidec_mosaics.py [--train 4000] [--test 1500] [--seed 0] [--psl] [--text]
+    python benchmarks/unidec_mosaics.py [--train 4000] [--test 1500] [--seed 0] [--psl] [--text] [--fixed 0.25]
     python benchmarks/unidec_mosaics.py --table [--text]     # the README table from the JSON
 
 CPU-sized; on a GPU machine the same script runs unchanged (the dual encoder trains on the CPU: it is small).
@@ -152,7 +153,7 @@ def cell(m: dict) -> dict:
 
 def table(res: dict) -> str:
     rows = []
-    for name in ("asl", "unidec", "psl", "bce"):
+    for name in ("asl", "unidec", "unidec_fixed", "psl", "bce"):
         if name not in res["runs"]:
             continue
         r = res["runs"][name]
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--labeled-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--psl", action="store_true", help="also run loss=psl")
+    ap.add_argument("--fixed", type=float, default=None, metavar="W",
+                    help="also run loss=unidec with the fixed loss.unlabeled_weight=W (e.g. 0.25, the former default)")
     ap.add_argument("--no-bce", action="store_true")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None, help="results file (default results/unidec_mosaics.json; --text: "
@@ -207,6 +210,10 @@ def main() -> None:
                         "psl": "loss=psl", "bce": "BCE: one-vs-rest logistic regression, labeled only"}
     runs["asl"] = cell(run_pipeline(f, work / "cache", work / "asl", *seed))
     runs["unidec"] = cell(run_pipeline(f, work / "cache", work / "unidec", "loss=unidec", *seed))
+    if a.fixed is not None:
+        labels["unidec_fixed"] = "loss=unidec"
+        runs["unidec_fixed"] = cell(run_pipeline(f, work / "cache", work / "unidec_fixed", "loss=unidec",
+                                                 f"loss.unlabeled_weight={a.fixed}", *seed))
     if a.psl:
         runs["psl"] = cell(run_pipeline(f, work / "cache", work / "psl", "loss=psl", *seed))
     if not a.no_bce:
