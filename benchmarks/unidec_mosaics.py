@@ -1,4 +1,4 @@
-"""UniDEC vs the default multi-label recipe (ASL) on real CLIP "embedding mosaics" with 202 labels.
+"""UniDEC vs the default multi-label recipe (ASL) on real CLIP "embedding mosaics" with 202 (or 102) labels.
 
 Embedding mosaics (``make_mosaics``, seeded)
     Source: the real CLIP ViT-B/32 image embeddings of ../shared/data/clip_vitb32/caltech101.npz
@@ -10,6 +10,11 @@ Embedding mosaics (``make_mosaics``, seeded)
     mosaics are labeled, topped up so every label has a labeled positive
     (``ssl_pipeline.data.multilabel.draw_labeled_fraction``). No class-name text (the sources have none):
     the UniDEC label side starts from the labeled class means.
+``--text``: the same generator over the three files of ../shared/data/clip_vitb32/text (caltech101_subset67 +
+    oxford_pets_subset25 + cifar10_test500: 102 labels, the sources of ``benchmarks/csa_text.py``), whose
+    ``text`` (C x 512 CLIP text embeddings of the class names) goes into the file: the default recipe's class
+    queries and the UniDEC label table start from it. Defaults 3000 train / 1200 test mosaics (as csa_text.py),
+    results in benchmarks/results/unidec_mosaics_text.json.
 
 Runs, in one process on the same file and the same pipeline cache (encode, cluster and pseudolabel are
 shared; only the retrain step differs), each ``python -m ssl_pipeline stage=retrain data=embeddings``:
@@ -17,7 +22,9 @@ shared; only the retrain step differs), each ``python -m ssl_pipeline stage=retr
 * ``asl``:    the default multi-label recipe (CSA head on the pooled embedding as one token, ASL, class-aware
               pseudo-labels; ``loss=ce`` keeps it). Its ``retrain/test_map`` is the semi-supervised teacher.
 * ``unidec``: ``loss=unidec``, the dual encoder + classifier trained with PSL and faiss hard negatives on the
-              labeled + pseudo-labeled mosaics.
+              labeled + pseudo-labeled mosaics, the pseudo-labeled rows weighted by ``unlabeled_weight=auto``
+              (chosen on the held-out labeled fold; the table lists the choice and its seconds are included).
+* ``unidec_fixed``: ``loss=unidec`` with a fixed ``loss.unlabeled_weight`` (``--fixed 0.25``: the former default).
 * ``psl``:    ``loss=psl`` (the DE head alone), with ``--psl``.
 * ``bce``:    one-vs-rest logistic regression on the labeled mosaics only (sklearn; BCE, no pseudo-labels), a
               plain reference outside the pipeline.
@@ -25,11 +32,11 @@ shared; only the retrain step differs), each ``python -m ssl_pipeline stage=retr
 Reported: macro mAP, P@1, P@5 on the test mosaics, the labeled-only variant of each pipeline run, seconds
 (the retrain stage; asl also lists the shared pseudolabel stage's seconds).
 
-    python benchmarks/unidec_mosaics.py [--train 4000] [--test 1500] [--seed 0] [--psl]
-    python benchmarks/unidec_mosaics.py --table     # the README table from the JSON
+    python benchmarks/unidec_mosaics.py [--train 4000] [--test 1500] [--seed 0] [--psl] [--text] [--fixed 0.25]
+    python benchmarks/unidec_mosaics.py --table [--text]     # the README table from the JSON
 
 CPU-sized; on a GPU machine the same script runs unchanged (the dual encoder trains on the CPU: it is small).
-Writes benchmarks/results/unidec_mosaics.json.
+Writes benchmarks/results/unidec_mosaics.json (``--text``: unidec_mosaics_text.json; ``--out`` another file).
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, markdown_table, shared_data, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unidec_mosaics.json"
+RESULTS_TEXT = RESULTS.with_name("unidec_mosaics_text.json")
 SOURCES = ("caltech101", "oxford_flowers")
+TEXT_SOURCES = ("caltech101_subset67", "oxford_pets_subset25", "cifar10_test500")  # under clip_vitb32/text
 
 
 def make_mosaics(data: Path, n_train: int, n_test: int, labeled_fraction: float, seed: int,
@@ -133,46 +142,65 @@ def cell(m: dict) -> dict:
             "labeled_only_p@5": "retrain/labeled_only_test_p@5", "seconds": "retrain/seconds",
             "pseudolabel_seconds": "pseudolabel/seconds", "pseudolabel_map": "pseudolabel/map",
             "map_de": "retrain/test_map_de", "map_clf": "retrain/test_map_clf",
-            "hit_rate": "retrain/hard_negative_hit_rate", "n_refreshes": "retrain/n_refreshes"}
-    return {k: m[v] for k, v in keys.items() if v in m}
+            "hit_rate": "retrain/hard_negative_hit_rate", "n_refreshes": "retrain/n_refreshes",
+            "unlabeled_weight": "retrain/unlabeled_weight",
+            "unlabeled_weight_source": "retrain/unlabeled_weight_source",
+            "val_seconds": "val/unlabeled_weight_seconds", "val_map": "val/retrain_map"}
+    out = {k: m[v] for k, v in keys.items() if v in m}
+    out.update({"val_map@" + k.split("@", 1)[1]: v for k, v in m.items() if k.startswith("val/map@")})
+    return out
 
 
 def table(res: dict) -> str:
     rows = []
-    for name in ("asl", "unidec", "psl", "bce"):
+    for name in ("asl", "unidec", "unidec_fixed", "psl", "bce"):
         if name not in res["runs"]:
             continue
         r = res["runs"][name]
-        rows.append([res["labels"][name], r["map"], r["p@1"], r["p@5"], r.get("labeled_only_map", "-"), r["seconds"]])
+        label = res["labels"][name]
+        if "unlabeled_weight" in r:
+            val = ", ".join(f"{k.split('=', 1)[1]}: {v:.3f}" for k, v in r.items() if k.startswith("val_map@"))
+            label += f" (unlabeled_weight {r['unlabeled_weight']:g}, {r['unlabeled_weight_source']}" + \
+                (f"; held-out mAP {val}" if val else "") + ")"
+        rows.append([label, r["map"], r["p@1"], r["p@5"], r.get("labeled_only_map", "-"), r["seconds"]])
     head = ["method", "macro mAP", "P@1", "P@5", "labeled-only mAP", "retrain s"]
     d = res["data"]
-    return (f"Embedding mosaics from real CLIP ViT-B/32 embeddings ({d['n_labels']} labels: caltech101 + "
-            f"oxford_flowers; {d['n_train']} train / {d['n_test']} test mosaics of 2-4 images, "
+    text = " (class-name text in the file)" if d.get("text") else ""
+    return (f"Embedding mosaics from real CLIP ViT-B/32 embeddings ({d['n_labels']} labels: "
+            f"{' + '.join(d['sources'])}{text}; {d['n_train']} train / {d['n_test']} test mosaics of 2-4 images, "
             f"{d['n_labeled']} labeled; seed {res['seed']}; {res['host']}):\n\n" + markdown_table(head, rows))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", type=int, default=4000)
-    ap.add_argument("--test", type=int, default=1500)
+    ap.add_argument("--train", type=int, default=None, help="train mosaics (default 4000; --text: 3000)")
+    ap.add_argument("--test", type=int, default=None, help="test mosaics (default 1500; --text: 1200)")
+    ap.add_argument("--text", action="store_true", help="the 102-label mosaics of clip_vitb32/text, with text")
     ap.add_argument("--labeled-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--psl", action="store_true", help="also run loss=psl")
+    ap.add_argument("--fixed", type=float, default=None, metavar="W",
+                    help="also run loss=unidec with the fixed loss.unlabeled_weight=W (e.g. 0.25, the former default)")
     ap.add_argument("--no-bce", action="store_true")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=None, help="results file (default results/unidec_mosaics.json; --text: "
+                                                "results/unidec_mosaics_text.json)")
     ap.add_argument("--work", default=None, help="folder for the mosaics file and the pipeline cache (kept: a "
                                                  "rerun with the same arguments reuses finished stages)")
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
     a = ap.parse_args()
+    a.out = a.out or str(RESULTS_TEXT if a.text else RESULTS)
     if a.table:
         print(table(json.loads(Path(a.out).read_text())))
         return
+    a.train = a.train or (3000 if a.text else 4000)
+    a.test = a.test or (1200 if a.text else 1500)
+    sources, subdir = (TEXT_SOURCES, "clip_vitb32/text") if a.text else (SOURCES, "clip_vitb32")
     logging.basicConfig(level=logging.WARNING)
     import platform
 
     data = shared_data(a.data)
-    arr = make_mosaics(data, a.train, a.test, a.labeled_fraction, a.seed)
+    arr = make_mosaics(data, a.train, a.test, a.labeled_fraction, a.seed, sources, subdir)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="unidec_mosaics_"))
     work.mkdir(parents=True, exist_ok=True)
     f = work / "mosaics.npz"
@@ -182,6 +210,10 @@ def main() -> None:
                         "psl": "loss=psl", "bce": "BCE: one-vs-rest logistic regression, labeled only"}
     runs["asl"] = cell(run_pipeline(f, work / "cache", work / "asl", *seed))
     runs["unidec"] = cell(run_pipeline(f, work / "cache", work / "unidec", "loss=unidec", *seed))
+    if a.fixed is not None:
+        labels["unidec_fixed"] = "loss=unidec"
+        runs["unidec_fixed"] = cell(run_pipeline(f, work / "cache", work / "unidec_fixed", "loss=unidec",
+                                                 f"loss.unlabeled_weight={a.fixed}", *seed))
     if a.psl:
         runs["psl"] = cell(run_pipeline(f, work / "cache", work / "psl", "loss=psl", *seed))
     if not a.no_bce:
@@ -189,7 +221,7 @@ def main() -> None:
     res = {"seed": a.seed, "runs": runs, "labels": labels, "host": f"{platform.machine()} CPU",
            "data": {"n_labels": int(arr["Y"].shape[1]), "n_train": a.train, "n_test": a.test,
                     "n_labeled": int(arr["labeled"].sum()), "labeled_fraction": a.labeled_fraction,
-                    "sources": list(SOURCES), "mean_labels": float(arr["Y"].sum(1).mean())}}
+                    "sources": list(sources), "text": "text" in arr, "mean_labels": float(arr["Y"].sum(1).mean())}}
     write_json(a.out, res)
     print(table(res))
 

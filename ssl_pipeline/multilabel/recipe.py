@@ -102,12 +102,14 @@ def build_pseudolabels(ctx, out: Path) -> dict:
 def _validate(cfg, s: dict, tokens, Y, labeled, graph, text, out: Path) -> dict:
     """Refit with each held-out fold of labeled images hidden: ``val/map`` of its pseudo-label scores on the fold;
     the fold's teacher and pseudo-label scores of every row are kept (``val_teacher.npz``) for the retrain stage's
-    choice of its student (:func:`ssl_pipeline.multilabel.student.choose`)."""
+    choice of its student (:func:`ssl_pipeline.multilabel.student.choose`), and its pseudo-labels of the unlabeled
+    rows (``unl_decision``, ``unl_counted``: (folds, n_unlabeled, C) bool) for the held-out choice of
+    ``loss.unlabeled_weight=auto`` (:func:`choose_unlabeled_weight`)."""
     folds = validation.multilabel_folds(Y, labeled, validation.settings(cfg))
     if not folds:
         return {}
     t0 = time.perf_counter()
-    held_all, pseudo, teacher, fold_teacher, fold_scores = [], [], [], [], []
+    held_all, pseudo, teacher, fold_teacher, fold_scores, unl_dec, unl_cnt = [], [], [], [], [], [], []
     for held in folds:
         lab_f = labeled.copy()
         lab_f[held] = False
@@ -117,10 +119,14 @@ def _validate(cfg, s: dict, tokens, Y, labeled, graph, text, out: Path) -> dict:
         teacher.append(f.teacher_scores_[held])
         fold_teacher.append(f.teacher_scores_.astype(np.float32))
         fold_scores.append(f.scores_.astype(np.float32))
+        unl_dec.append(f.decision_[~labeled])  # the fold fit's pseudo-labels of the run's unlabeled rows
+        unl_cnt.append(f.counted_[~labeled])
     held = np.concatenate(held_all)
     fold_id = np.concatenate([np.full(len(h), i) for i, h in enumerate(held_all)])
     np.savez(out / "val_teacher.npz", rows=held, teacher=np.concatenate(teacher), pseudo=np.concatenate(pseudo),
-             fold=fold_id, fold_teacher=np.stack(fold_teacher), fold_scores=np.stack(fold_scores))
+             fold=fold_id, fold_teacher=np.stack(fold_teacher), fold_scores=np.stack(fold_scores),
+             fold_sizes=np.array([len(h) for h in held_all]), unl_decision=np.stack(unl_dec),
+             unl_counted=np.stack(unl_cnt))
     v = macro_map(Y[held], np.concatenate(pseudo))
     log.info("pseudolabel: validation on %d held-out labeled images: mAP %.4f", len(held), v)
     return {"val/map": v, "val/pseudolabel_map": v, "val/n_heldout": len(held), "val/folds": len(folds),
@@ -145,10 +151,66 @@ def test_metrics(Y: np.ndarray, S: np.ndarray, prefix: str = "retrain/test") -> 
             f"{prefix}_p@5": precision_at_k(Y, S, 5)}
 
 
+def choose_unlabeled_weight(pl_dir: Path, X_rows: np.ndarray, Y_rows: np.ndarray, labeled: np.ndarray, text,
+                            name: str, kwargs: dict, s: dict, seed: int) -> tuple[float, str, dict]:
+    """``loss.unlabeled_weight=auto``: the weight of the pseudo-labeled rows, chosen on held-out labeled rows.
+
+    For each held-out fold of the pseudolabel stage's validation (``val_teacher.npz``: the labeler refitted with
+    the fold hidden, and that fit's pseudo-labels of the unlabeled rows, so neither the labels nor the
+    pseudo-labels have seen the fold) the dual encoder is trained once per weight of
+    ``s["unlabeled_weight_grid"]`` (0 = the labeled rows only) on the other labeled rows plus those
+    pseudo-labels, with the run's settings and seed, and scored on the fold. The weight with the highest macro
+    mAP over all held-out rows wins (ties: the smaller weight). Without a fold (``val.folds=0``,
+    ``val.multilabel_folds=0``, too few labeled rows) or without unlabeled rows the weight is 0.
+
+    X_rows (n, D) pooled embeddings and Y_rows (n, C) labels of the stage's rows, labeled (n,) bool.
+    Returns (weight, source, metrics): ``val/map@unlabeled_weight=<w>`` per weight, ``val/retrain_map`` (also
+    ``val/retrain_p@1``, ``val/retrain_p@5``) of the chosen one, ``val/unlabeled_weight_seconds``.
+    """
+    from ssl_pipeline.multilabel.unidec import fused_scores, train_dual_encoder
+
+    f = Path(pl_dir) / "val_teacher.npz"
+    v = np.load(f) if f.exists() else None
+    if not (~labeled).any():
+        return 0.0, "auto: no unlabeled rows", {}
+    if v is None or "unl_decision" not in v.files or len(v["rows"]) == 0:
+        log.warning("retrain: loss.unlabeled_weight=auto found no held-out fold of the labeled rows (val.folds=0, "
+                    "val.multilabel_folds=0 or too few labeled rows): the pseudo-labeled rows get weight 0; set "
+                    "a number to use them")
+        return 0.0, "auto: no held-out fold", {}
+    t0 = time.perf_counter()
+    grid = list(s["unlabeled_weight_grid"])
+    lab_idx, unl_idx = np.flatnonzero(labeled), np.flatnonzero(~labeled)
+    bounds = np.cumsum(np.r_[0, v["fold_sizes"]])
+    S: dict = {w: [] for w in grid}
+    for i in range(len(v["fold_sizes"])):
+        held = v["rows"][bounds[i]:bounds[i + 1]]
+        fit_rows = np.setdiff1d(lab_idx, held)
+        dec, cnt = v["unl_decision"][i], v["unl_counted"][i]
+        for w in grid:
+            unl = (X_rows[unl_idx], dec, cnt) if w > 0 else (None, None, None)
+            model, _ = train_dual_encoder(X_rows[fit_rows], Y_rows[fit_rows], *unl, text, name, kwargs,
+                                          dict(s, unlabeled_weight=w), seed)
+            S[w].append(fused_scores(model, X_rows[held], name, kwargs)["fused"])
+    Y_held = Y_rows[v["rows"]]
+    vals = {w: test_metrics(Y_held, np.concatenate(S[w]), "val/retrain") for w in grid}
+    m: dict = {f"val/map@unlabeled_weight={w:g}": vals[w]["val/retrain_map"] for w in grid}
+    best = grid[int(np.argmax([np.nan_to_num(vals[w]["val/retrain_map"], nan=-1.0) for w in grid]))]  # ties: first
+    m.update(vals[best])
+    m["val/unlabeled_weight_seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("retrain: loss.unlabeled_weight=auto chose %g on %d held-out labeled rows (%s)", best, len(Y_held),
+             ", ".join(f"{w:g}: {m[f'val/map@unlabeled_weight={w:g}']:.4f}" for w in grid))
+    return best, "auto", m
+
+
 def _retrain_dual_encoder(ctx, out: Path) -> dict:
     """``loss=unidec`` / ``loss=psl``: the dual encoder on labeled + pseudo-labeled pooled embeddings vs the same
-    model on the labeled rows only (:mod:`ssl_pipeline.multilabel.unidec`), both scored on the test split."""
-    from ssl_pipeline.multilabel.unidec import loss_settings, scores, train_dual_encoder
+    model on the labeled rows only (:mod:`ssl_pipeline.multilabel.unidec`), both scored on the test split.
+
+    The pseudo-labeled rows' weight is ``loss.unlabeled_weight``: a number, or ``auto`` (the default), chosen
+    on held-out labeled rows (:func:`choose_unlabeled_weight`); at weight 0 the semi-supervised model is the
+    labeled-only twin (trained once)."""
+    from ssl_pipeline.multilabel.unidec import fused_scores, loss_settings, train_dual_encoder
 
     cfg, table = ctx.cfg, ctx.table
     seed = int(cfg.seed)
@@ -167,30 +229,38 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     text = feats.text if feats.text is not None else table.meta.get("text")
     if text is not None and np.asarray(text).shape[1] != X.shape[1]:
         text = None  # text embeddings in another space than the pooled features
+    m: dict = {}
+    if s["unlabeled_weight"] == "auto":
+        w, source, vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed)
+        m.update(vm)
+    else:
+        w, source = float(s["unlabeled_weight"]), "fixed"
+    s = dict(s, unlabeled_weight=w)
     runs = {}
-    for which, u in (("semi", unl), ("labeled_only", unl[:0])):
+    for which in ("labeled_only", "semi"):
+        if which == "semi" and (w == 0 or not len(unl)):
+            runs["semi"] = runs["labeled_only"]  # weight 0: the semi-supervised model is the labeled-only twin
+            continue
+        u = unl if which == "semi" else unl[:0]
         t1 = time.perf_counter()
         model, info = train_dual_encoder(
             X[pos[lab]], Y[lab], X[pos[u]] if len(u) else None, arr["decision"][~labeled] if len(u) else None,
             arr["counted"][~labeled] if len(u) else None, text, name, kwargs, s, seed)
         runs[which] = (model, info, round(time.perf_counter() - t1, 2))
-    tau_de = float(kwargs.get("tau_de", kwargs.get("tau", 0.05)))
-    tau_clf = float(kwargs.get("tau_clf", 1.0))
-    use_clf = name == "unidec" and float(kwargs.get("lam", 1.0)) > 0
     info = runs["semi"][1]
-    m: dict = {"retrain/mode": "multilabel", "retrain/loss": name, "retrain/n_test": len(test),
-               "retrain/n_train": len(rows), "retrain/label_init": info["label_init"],
-               "retrain/n_refreshes": info["n_refreshes"],
-               "retrain/hard_negative_hit_rate": info["hard_negative_hit_rate"],
-               "retrain/train_seconds": runs["semi"][2], "retrain/labeled_only_train_seconds": runs["labeled_only"][2],
-               "val/source": "pseudolabel"}
+    m.update({"retrain/mode": "multilabel", "retrain/loss": name, "retrain/n_test": len(test),
+              "retrain/n_train": len(rows), "retrain/unlabeled_weight": w, "retrain/unlabeled_weight_source": source,
+              "retrain/label_init": info["label_init"], "retrain/n_refreshes": info["n_refreshes"],
+              "retrain/hard_negative_hit_rate": info["hard_negative_hit_rate"],
+              "retrain/train_seconds": runs["semi"][2], "retrain/labeled_only_train_seconds": runs["labeled_only"][2],
+              "val/source": "pseudolabel"})
     arrays = {"rows_test": test}
     if len(test):
-        S = scores(runs["semi"][0], X[pos[test]], tau_de, tau_clf, use_clf)
-        S_lab = scores(runs["labeled_only"][0], X[pos[test]], tau_de, tau_clf, use_clf)
+        S = fused_scores(runs["semi"][0], X[pos[test]], name, kwargs)
+        S_lab = fused_scores(runs["labeled_only"][0], X[pos[test]], name, kwargs)
         m.update(test_metrics(Y[test], S["fused"]))
         m.update(test_metrics(Y[test], S_lab["fused"], "retrain/labeled_only_test"))
-        if use_clf:
+        if name == "unidec" and float(kwargs.get("lam", 1.0)) > 0:
             m["retrain/test_map_de"] = macro_map(Y[test], S["de"])
             m["retrain/test_map_clf"] = macro_map(Y[test], S["clf"])
         m["retrain/gain"] = m["retrain/test_map"] - m["retrain/labeled_only_test_map"]
@@ -199,8 +269,8 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     for which, (model, _, _) in runs.items():
         torch.save(model.state_dict(), out / ("dual_encoder.pt" if which == "semi" else "dual_encoder_labeled_only.pt"))
     m["retrain/seconds"] = round(time.perf_counter() - t0, 2)
-    log.info("retrain: loss=%s dual encoder, test mAP %.4f (labeled only %.4f)", name, m.get("retrain/test_map", -1),
-             m.get("retrain/labeled_only_test_map", -1))
+    log.info("retrain: loss=%s dual encoder (unlabeled_weight %g, %s), test mAP %.4f (labeled only %.4f)", name, w,
+             source, m.get("retrain/test_map", -1), m.get("retrain/labeled_only_test_map", -1))
     return m
 
 

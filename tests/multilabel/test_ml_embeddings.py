@@ -62,6 +62,7 @@ def test_default_recipe_and_unidec_through_the_cli(tmp_path):
         if extra:
             assert m["retrain/loss"] == "unidec" and m["retrain/n_refreshes"] >= 3
             assert 0 <= m["retrain/hard_negative_hit_rate"] <= 1
+            assert m["retrain/unlabeled_weight_source"] == "auto" and m["retrain/unlabeled_weight"] in (0, 0.25, 1)
 
 
 def test_psl_and_text_init(tmp_path):
