@@ -10,7 +10,8 @@ Written by :func:`export_dual_encoder` (called by the multi-label retrain stage)
                         label table ``E``, classifier rows ``W``)
     tower.safetensors   only for a tower without a loadable source (``backbone.pretrained: null``)
 
-Scores: ``s = cos(q, E) / tau_de (+ cos(h, W) / tau_clf with the classifier)``, the retrain's test scores.
+Scores: ``s = cos(q, E) / tau_de (+ cos(h, W) / tau_clf with the classifier)``, each term centred over the
+labels (:func:`ssl_pipeline.multilabel.unidec.scores`), the retrain's test scores.
 They rank labels but are not probabilities (PSL is a softmax over a label pool), so the probability of label
 k is ``sigmoid(a s_k + b)``, one (a, b) for all labels fitted by logistic regression on the labeled training
 images (Platt scaling; monotone, so the ranking and the macro mAP are the run's). Decisions: label k at or
@@ -68,8 +69,10 @@ class DualEncoderModel(ExportedModel):
         """(B, C) dual-encoder scores (the retrain's ``test_scores`` for the same inputs)."""
         q, h = self.head(self.pooled(x))
         s = q @ self.head.label_de().T / self.tau_de
+        s = s - s.mean(1, keepdim=True)  # each head's scores centred over the labels, as the retrain scores them
         if self.use_clf:
-            s = s + h @ self.head.label_clf().T / self.tau_clf
+            c = h @ self.head.label_clf().T / self.tau_clf
+            s = s + (c - c.mean(1, keepdim=True))
         return s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
