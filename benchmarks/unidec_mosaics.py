@@ -145,7 +145,9 @@ def cell(m: dict) -> dict:
             "hit_rate": "retrain/hard_negative_hit_rate", "n_refreshes": "retrain/n_refreshes",
             "unlabeled_weight": "retrain/unlabeled_weight",
             "unlabeled_weight_source": "retrain/unlabeled_weight_source",
-            "val_seconds": "val/unlabeled_weight_seconds", "val_map": "val/retrain_map"}
+            "val_seconds": "val/unlabeled_weight_seconds", "val_map": "val/retrain_map",
+            "student": "retrain/student", "dual_encoder_map": "retrain/dual_encoder_test_map",
+            "head_map": "retrain/head_test_map"}
     out = {k: m[v] for k, v in keys.items() if v in m}
     out.update({"val_map@" + k.split("@", 1)[1]: v for k, v in m.items() if k.startswith("val/map@")})
     return out
@@ -162,6 +164,9 @@ def table(res: dict) -> str:
             val = ", ".join(f"{k.split('=', 1)[1]}: {v:.3f}" for k, v in r.items() if k.startswith("val_map@"))
             label += f" (unlabeled_weight {r['unlabeled_weight']:g}, {r['unlabeled_weight_source']}" + \
                 (f"; held-out mAP {val}" if val else "") + ")"
+        if r.get("student"):  # the retrain's student over the head / dual encoder, chosen on the held-out folds
+            alone = r.get("dual_encoder_map", r.get("head_map"))
+            label += f"; student {r['student']}" + (f", {alone:.3f} without it" if alone is not None else "")
         rows.append([label, r["map"], r["p@1"], r["p@5"], r.get("labeled_only_map", "-"), r["seconds"]])
     head = ["method", "macro mAP", "P@1", "P@5", "labeled-only mAP", "retrain s"]
     d = res["data"]
@@ -206,7 +211,7 @@ def main() -> None:
     f = work / "mosaics.npz"
     np.savez(f, **arr)
     seed = [f"seed={a.seed}"]
-    runs, labels = {}, {"asl": "default recipe: CSA head + ASL (loss=ce)", "unidec": "loss=unidec",
+    runs, labels = {}, {"asl": "default recipe (loss=ce): CSA head + ASL", "unidec": "loss=unidec",
                         "psl": "loss=psl", "bce": "BCE: one-vs-rest logistic regression, labeled only"}
     runs["asl"] = cell(run_pipeline(f, work / "cache", work / "asl", *seed))
     runs["unidec"] = cell(run_pipeline(f, work / "cache", work / "unidec", "loss=unidec", *seed))

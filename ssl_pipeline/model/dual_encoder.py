@@ -17,7 +17,9 @@ k is ``sigmoid(a s_k + b)``, one (a, b) for all labels fitted by logistic regres
 images (Platt scaling; monotone, so the ranking and the macro mAP are the run's). Decisions: label k at or
 above ``thresholds[k]``, the class-aware cut of the training images' probabilities (the ``pi_k`` share of
 them, ``pi_k`` the smoothed labeled frequency of k; :mod:`ssl_pipeline.multilabel.thresholds`), as for the
-alignment head (:mod:`ssl_pipeline.model.multilabel`).
+alignment head (:mod:`ssl_pipeline.model.multilabel`). When the retrain's student mixed more than the dual
+encoder alone (``head.student`` in ``model.json``, ``student.*`` tensors), the probabilities are the student's
+over those Platt-scaled ones (:func:`ssl_pipeline.model.multilabel.student_logits`), as in the run.
 """
 
 from __future__ import annotations
@@ -46,12 +48,16 @@ class DualEncoderModel(ExportedModel):
     their sigmoid.
     """
 
-    def __init__(self, config: dict, visual: nn.Module | None, encoder: nn.Module, transform):
+    def __init__(self, config: dict, visual: nn.Module | None, encoder: nn.Module, transform,
+                 student: dict[str, torch.Tensor] | None = None):
+        from ssl_pipeline.model.multilabel import attach_student
+
         super().__init__(config, visual, encoder, transform, None, None)
         spec = config["head"]
         self.tau_de, self.tau_clf = float(spec["tau_de"]), float(spec["tau_clf"])
         self.use_clf = bool(spec["use_clf"])
         self.platt = tuple(float(v) for v in spec["platt"])
+        attach_student(self, spec.get("student"), student)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images or (B, D) embeddings -> (B, D) pooled embeddings at the cache's float16 precision."""
@@ -67,17 +73,25 @@ class DualEncoderModel(ExportedModel):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C) dual-encoder scores (the retrain's ``test_scores`` for the same inputs)."""
-        q, h = self.head(self.pooled(x))
+        return self._scores(*self.head(self.pooled(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ssl_pipeline.model.multilabel import student_logits
+
+        a, b = self.platt
+        if not self.has_student:
+            return a * self.scores(x) + b
+        pooled = self.pooled(x)
+        q, h = self.head(pooled)
+        return student_logits(self, pooled, torch.sigmoid(a * self._scores(q, h) + b))
+
+    def _scores(self, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         s = q @ self.head.label_de().T / self.tau_de
         s = s - s.mean(1, keepdim=True)  # each head's scores centred over the labels, as the retrain scores them
         if self.use_clf:
             c = h @ self.head.label_clf().T / self.tau_clf
             s = s + (c - c.mean(1, keepdim=True))
         return s
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.platt
-        return a * self.scores(x) + b
 
 
 def platt_fit(S: np.ndarray, Y: np.ndarray) -> tuple[float, float]:
@@ -101,7 +115,9 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     from omegaconf import OmegaConf
 
     from ssl_pipeline.model.export import _rank, export_model
+    from ssl_pipeline.model.multilabel import student_export
     from ssl_pipeline.multilabel.features import features_of
+    from ssl_pipeline.multilabel.recipe import load_student
     from ssl_pipeline.multilabel.settings import settings
     from ssl_pipeline.multilabel.thresholds import class_aware_pseudolabels, class_frequencies
     from ssl_pipeline.multilabel.unidec import DualEncoder, loss_settings
@@ -129,14 +145,25 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     pos = np.full(len(table), -1, np.int64)
     pos[feats.rows] = np.arange(len(feats.rows))
     Y = np.asarray(table.y_true).astype(np.int8)
+    Xr = np.asarray(feats.pooled[pos[rows]], np.float32)
     with torch.no_grad():
-        S = model.scores(torch.from_numpy(np.asarray(feats.pooled[pos[rows]], np.float32))).numpy()
-    a, b = platt_fit(S[labeled], Y[rows[labeled]])
+        S = model.scores(torch.from_numpy(Xr)).numpy()
+    pf = Path(stage_dir) / "platt.json"
+    a, b = (lambda d: (float(d["a"]), float(d["b"])))(json.loads(pf.read_text())) if pf.exists() else \
+        platt_fit(S[labeled], Y[rows[labeled]])
     spec["platt"] = [a, b]
-    P = 1.0 / (1.0 + np.exp(-(a * S.astype(np.float64) + b)))
+    P = (1.0 / (1.0 + np.exp(-np.clip(a * S.astype(np.float64) + b, -60, 60)))).astype(np.float32)
+    student = load_student(Path(stage_dir)) if (Path(stage_dir) / "student.npz").exists() else None
+    state_extra = {}
+    if student is not None and (student.cand.w < 1.0 or student.cand.alpha > 0):
+        P = student.scores(Xr, P, self_pos=np.arange(len(rows)))  # each training image without its own vote
+        state_extra, spec["student"] = student_export(student)
+    else:
+        student = None
     pi = class_frequencies(Y[rows[labeled]], float(settings(cfg)["pseudo"]["prior_strength"]))
     tau = class_aware_pseudolabels(P, pi, 0.0)[0]
-    tau = np.where(np.isfinite(tau), tau, 1.0)
+    # the image at the cut stays positive under the model's float32 torch arithmetic
+    tau = np.where(np.isfinite(tau), tau - (1e-6 if student is not None else 0.0), 1.0)
     meta = ctx.path("encode") / "meta.json"
     size = None if table.meta.get("embeddings_only") or not meta.exists() else \
         json.loads(meta.read_text()).get("image_size")
@@ -152,6 +179,7 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
         if bcfg.get("pretrained") in (None, "", "none"):
             tower = backbone.model.visual.state_dict()
     state = {f"head.{k}": v for k, v in enc.state_dict().items()}
+    state.update(state_extra)
     extra = {"mode": "multilabel", "preprocessing": {"squash": True}} if pre is not None else {"mode": "multilabel"}
     return export_model(Path(ctx.run_dir) / "model", classes=list(table.classes), head_state=state, head=spec,
                         backbone_cfg=bcfg, preprocess=pre, image_size=size, tower_state=tower, multilabel=True,
@@ -178,4 +206,6 @@ def load_dual_encoder(path: Path, doc: dict, tensors: dict[str, torch.Tensor], v
                         f"({str(e)[:200]})") from e
     if doc.get("thresholds") is None or len(doc["thresholds"]) != C:
         raise DataError(f"{path / 'model.json'}: a multi-label model needs one threshold per class")
-    return DualEncoderModel(doc, visual, enc, transform)
+    from ssl_pipeline.model.multilabel import student_tensors
+
+    return DualEncoderModel(doc, visual, enc, transform, student_tensors(path, spec, tensors))

@@ -43,14 +43,7 @@ class MultiLabelModel(ExportedModel):
         if pca is not None:
             self.register_buffer("token_pca_mean", pca[0].float())
             self.register_buffer("token_pca_W", pca[1].float())
-        self.has_student = student is not None
-        if student is not None:
-            st = config["head"]["student"]
-            self.head_weight, self.knn_alpha = float(st["head_weight"]), float(st["knn_alpha"])
-            self.knn_k, self.knn_power = int(st["knn_k"]), float(st["knn_power"])
-            for k in ("W", "b", "ref_scores"):
-                self.register_buffer(f"student_{k}", student[k].float())
-            self.register_buffer("student_ref_emb", student["ref_emb"].half())
+        attach_student(self, config["head"].get("student"), student)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, S, S) images -> ((B, P, d') head inputs, (B, D) pooled embeddings or None for token inputs),
@@ -83,17 +76,61 @@ class MultiLabelModel(ExportedModel):
         if pooled is None:
             raise DataError("this model mixes a pooled-embedding student: give it images or (B, D) embeddings, "
                             "not spatial tokens")
-        lin = torch.sigmoid(pooled @ self.student_W + self.student_b)
-        s0 = self.head_weight * torch.sigmoid(logits) + (1.0 - self.head_weight) * lin
-        if self.knn_alpha > 0:
-            sims, idx = (pooled @ self.student_ref_emb.float().T).topk(min(self.knn_k, len(self.student_ref_emb)),
-                                                                        dim=1)
-            w = sims.clamp_min(0) ** self.knn_power
-            den = w.sum(1, keepdim=True)
-            vote = torch.einsum("bk,bkc->bc", w, self.student_ref_scores[idx]) / den.clamp_min(1e-12)
-            s0 = (1.0 - self.knn_alpha) * s0 + self.knn_alpha * torch.where(den > 0, vote, s0)
-        s0 = s0.clamp(1e-7, 1 - 1e-7)
-        return torch.log(s0) - torch.log1p(-s0)
+        return student_logits(self, pooled, torch.sigmoid(logits))
+
+
+def attach_student(module: nn.Module, spec: dict | None, student: dict[str, torch.Tensor] | None) -> None:
+    """Give ``module`` the retrain's student (``has_student``; mix weights from ``spec`` = ``model.json``'s
+    ``head.student``; buffers ``student_W`` (D, C), ``student_b`` (C,), ``student_ref_scores`` (n_ref, C),
+    ``student_ref_emb`` (n_ref, D) float16), or mark it as having none."""
+    module.has_student = student is not None
+    if student is None:
+        return
+    module.head_weight, module.knn_alpha = float(spec["head_weight"]), float(spec["knn_alpha"])
+    module.knn_k, module.knn_power = int(spec["knn_k"]), float(spec["knn_power"])
+    for k in ("W", "b", "ref_scores"):
+        module.register_buffer(f"student_{k}", student[k].float())
+    module.register_buffer("student_ref_emb", student["ref_emb"].half())
+
+
+def student_logits(module: nn.Module, pooled: torch.Tensor, p_head: torch.Tensor) -> torch.Tensor:
+    """(B, C) logits of the student of ``module`` (:func:`attach_student`) given pooled embeddings (B, D) and the
+    head's probabilities (B, C): the mix with the linear member, then the neighbour vote
+    (:class:`ssl_pipeline.multilabel.student.Student`)."""
+    lin = torch.sigmoid(pooled @ module.student_W + module.student_b)
+    s0 = module.head_weight * p_head + (1.0 - module.head_weight) * lin
+    if module.knn_alpha > 0:
+        sims, idx = (pooled @ module.student_ref_emb.float().T).topk(min(module.knn_k, len(module.student_ref_emb)),
+                                                                      dim=1)
+        w = sims.clamp_min(0) ** module.knn_power
+        den = w.sum(1, keepdim=True)
+        vote = torch.einsum("bk,bkc->bc", w, module.student_ref_scores[idx]) / den.clamp_min(1e-12)
+        s0 = (1.0 - module.knn_alpha) * s0 + module.knn_alpha * torch.where(den > 0, vote, s0)
+    s0 = s0.clamp(1e-7, 1 - 1e-7)
+    return torch.log(s0) - torch.log1p(-s0)
+
+
+def student_export(student) -> tuple[dict[str, torch.Tensor], dict]:
+    """(``student.*`` tensors, ``model.json`` ``head.student`` spec) of a fitted
+    :class:`~ssl_pipeline.multilabel.student.Student`."""
+    tensors = {"student.W": torch.from_numpy(np.asarray(student.W, np.float32)),
+               "student.b": torch.from_numpy(np.asarray(student.b, np.float32)),
+               "student.ref_emb": torch.from_numpy(np.asarray(student.ref_X, np.float16)),
+               "student.ref_scores": torch.from_numpy(np.asarray(student.ref_S, np.float32))}
+    spec = {"linear_lambda": student.cand.lam, "head_weight": student.cand.w, "knn_alpha": student.cand.alpha,
+            "knn_k": student.k, "knn_power": student.power, "n_reference": int(len(student.ref_X))}
+    return tensors, spec
+
+
+def student_tensors(path: Path, spec: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The ``student.*`` tensors of a model folder whose head has a ``student`` spec (None without one)."""
+    if spec.get("student") is None:
+        return None
+    student = {k: tensors.get(f"student.{k}") for k in ("W", "b", "ref_emb", "ref_scores")}
+    missing = [f"student.{k}" for k, v in student.items() if v is None]
+    if missing:
+        raise DataError(f"{path / 'head.safetensors'}: student tensors {', '.join(missing)} missing")
+    return student
 
 
 def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module, head_spec: dict,
@@ -117,13 +154,8 @@ def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module
         state["token_pca_W"] = torch.from_numpy(np.asarray(pca[1], np.float32))
     head_spec = dict(head_spec)
     if student is not None:
-        state.update({"student.W": torch.from_numpy(np.asarray(student.W, np.float32)),
-                      "student.b": torch.from_numpy(np.asarray(student.b, np.float32)),
-                      "student.ref_emb": torch.from_numpy(np.asarray(student.ref_X, np.float16)),
-                      "student.ref_scores": torch.from_numpy(np.asarray(student.ref_S, np.float32))})
-        head_spec["student"] = {"linear_lambda": student.cand.lam, "head_weight": student.cand.w,
-                                "knn_alpha": student.cand.alpha, "knn_k": student.k, "knn_power": student.power,
-                                "n_reference": int(len(student.ref_X))}
+        tensors, head_spec["student"] = student_export(student)
+        state.update(tensors)
     embeddings_only = cfg.data.kind == "embeddings" or image_size is None
     bcfg = None if embeddings_only else OmegaConf.to_container(cfg.backbone, resolve=True)
     tower, pre = None, None
@@ -165,10 +197,4 @@ def load_multilabel(path: Path, doc: dict, tensors: dict[str, torch.Tensor], vis
         pca = (tensors["token_pca_mean"], tensors["token_pca_W"])
     if doc.get("thresholds") is None or len(doc["thresholds"]) != len(doc["classes"]):
         raise DataError(f"{path / 'model.json'}: a multi-label model needs one threshold per class")
-    student = None
-    if spec.get("student") is not None:
-        student = {k: tensors.get(f"student.{k}") for k in ("W", "b", "ref_emb", "ref_scores")}
-        missing = [f"student.{k}" for k, v in student.items() if v is None]
-        if missing:
-            raise DataError(f"{path / 'head.safetensors'}: student tensors {', '.join(missing)} missing")
-    return MultiLabelModel(doc, visual, head, transform, pca, student)
+    return MultiLabelModel(doc, visual, head, transform, pca, student_tensors(path, spec, tensors))

@@ -152,7 +152,8 @@ def test_metrics(Y: np.ndarray, S: np.ndarray, prefix: str = "retrain/test") -> 
 
 
 def choose_unlabeled_weight(pl_dir: Path, X_rows: np.ndarray, Y_rows: np.ndarray, labeled: np.ndarray, text,
-                            name: str, kwargs: dict, s: dict, seed: int) -> tuple[float, str, dict]:
+                            name: str, kwargs: dict, s: dict, seed: int, grid: list | None = None,
+                            keep: list | None = None) -> tuple[float, str, dict]:
     """``loss.unlabeled_weight=auto``: the weight of the pseudo-labeled rows, chosen on held-out labeled rows.
 
     For each held-out fold of the pseudolabel stage's validation (``val_teacher.npz``: the labeler refitted with
@@ -166,6 +167,9 @@ def choose_unlabeled_weight(pl_dir: Path, X_rows: np.ndarray, Y_rows: np.ndarray
     X_rows (n, D) pooled embeddings and Y_rows (n, C) labels of the stage's rows, labeled (n,) bool.
     Returns (weight, source, metrics): ``val/map@unlabeled_weight=<w>`` per weight, ``val/retrain_map`` (also
     ``val/retrain_p@1``, ``val/retrain_p@5``) of the chosen one, ``val/unlabeled_weight_seconds``.
+    ``grid``: the weights to try (default ``s["unlabeled_weight_grid"]``; one weight: a fixed weight's folds).
+    ``keep``: a list that receives, per fold, (held positions, the chosen weight's fold model's probabilities
+    of every row (n, C): :func:`dual_encoder_probabilities`), for the retrain's student.
     """
     from ssl_pipeline.multilabel.unidec import fused_scores, train_dual_encoder
 
@@ -179,10 +183,11 @@ def choose_unlabeled_weight(pl_dir: Path, X_rows: np.ndarray, Y_rows: np.ndarray
                     "a number to use them")
         return 0.0, "auto: no held-out fold", {}
     t0 = time.perf_counter()
-    grid = list(s["unlabeled_weight_grid"])
+    grid = list(s["unlabeled_weight_grid"] if grid is None else grid)
     lab_idx, unl_idx = np.flatnonzero(labeled), np.flatnonzero(~labeled)
     bounds = np.cumsum(np.r_[0, v["fold_sizes"]])
     S: dict = {w: [] for w in grid}
+    P_all: dict = {w: [] for w in grid}
     for i in range(len(v["fold_sizes"])):
         held = v["rows"][bounds[i]:bounds[i + 1]]
         fit_rows = np.setdiff1d(lab_idx, held)
@@ -192,15 +197,32 @@ def choose_unlabeled_weight(pl_dir: Path, X_rows: np.ndarray, Y_rows: np.ndarray
             model, _ = train_dual_encoder(X_rows[fit_rows], Y_rows[fit_rows], *unl, text, name, kwargs,
                                           dict(s, unlabeled_weight=w), seed)
             S[w].append(fused_scores(model, X_rows[held], name, kwargs)["fused"])
+            if keep is not None:
+                P_all[w].append((held, dual_encoder_probabilities(model, X_rows, Y_rows, fit_rows, name, kwargs)[0]))
     Y_held = Y_rows[v["rows"]]
     vals = {w: test_metrics(Y_held, np.concatenate(S[w]), "val/retrain") for w in grid}
     m: dict = {f"val/map@unlabeled_weight={w:g}": vals[w]["val/retrain_map"] for w in grid}
     best = grid[int(np.argmax([np.nan_to_num(vals[w]["val/retrain_map"], nan=-1.0) for w in grid]))]  # ties: first
     m.update(vals[best])
+    if keep is not None:
+        keep.extend(P_all[best])
     m["val/unlabeled_weight_seconds"] = round(time.perf_counter() - t0, 2)
     log.info("retrain: loss.unlabeled_weight=auto chose %g on %d held-out labeled rows (%s)", best, len(Y_held),
              ", ".join(f"{w:g}: {m[f'val/map@unlabeled_weight={w:g}']:.4f}" for w in grid))
     return best, "auto", m
+
+
+def dual_encoder_probabilities(model, X: np.ndarray, Y: np.ndarray, fit_rows: np.ndarray, name: str, kwargs: dict
+                               ) -> tuple[np.ndarray, tuple[float, float]]:
+    """(probabilities (n, C) float32 of rows X (n, D), Platt (a, b)): ``sigmoid(a s + b)`` of the dual encoder's
+    scores ``s``, one (a, b) for all labels fitted on the rows ``fit_rows`` (labels Y (n, C)); monotone, so the
+    per-label ranking is the scores'. The probability scale the retrain's student mixes and exports."""
+    from ssl_pipeline.model.dual_encoder import platt_fit
+    from ssl_pipeline.multilabel.unidec import fused_scores
+
+    S = fused_scores(model, X, name, kwargs)["fused"].astype(np.float64)
+    a, b = platt_fit(S[fit_rows], np.asarray(Y)[fit_rows])
+    return (1.0 / (1.0 + np.exp(-np.clip(a * S + b, -60, 60)))).astype(np.float32), (a, b)
 
 
 def _retrain_dual_encoder(ctx, out: Path) -> dict:
@@ -230,11 +252,18 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     if text is not None and np.asarray(text).shape[1] != X.shape[1]:
         text = None  # text embeddings in another space than the pooled features
     m: dict = {}
+    fold_probs: list = []  # per fold: (held positions, the fold model's probabilities of every row)
     if s["unlabeled_weight"] == "auto":
-        w, source, vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed)
-        m.update(vm)
+        w, source, vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed,
+                                                keep=fold_probs)
     else:
-        w, source = float(s["unlabeled_weight"]), "fixed"
+        w, source, vm = float(s["unlabeled_weight"]), "fixed", {}
+        v = np.load(pl_dir / "val_teacher.npz") if (pl_dir / "val_teacher.npz").exists() else None
+        if v is not None and "unl_decision" in v.files and len(v["rows"]) and (~labeled).any():
+            # the fixed weight's fold models: the evidence the student's candidate is chosen on
+            vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed,
+                                         grid=[w], keep=fold_probs)[2]
+    m.update(vm)
     s = dict(s, unlabeled_weight=w)
     runs = {}
     for which in ("labeled_only", "semi"):
@@ -254,24 +283,63 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
               "retrain/hard_negative_hit_rate": info["hard_negative_hit_rate"],
               "retrain/train_seconds": runs["semi"][2], "retrain/labeled_only_train_seconds": runs["labeled_only"][2],
               "val/source": "pseudolabel"})
+    # the student over the dual encoder, as over the alignment head of the default recipe (fit_retrain_student)
+    P_rows, platt = dual_encoder_probabilities(runs["semi"][0], X[pos[rows]], Y[rows], np.flatnonzero(labeled), name,
+                                               kwargs)
+    student, sm = _dual_encoder_student(ctx, pl_dir, X[pos[rows]], Y[rows], labeled, P_rows, fold_probs)
+    m.update(sm)
     arrays = {"rows_test": test}
     if len(test):
         S = fused_scores(runs["semi"][0], X[pos[test]], name, kwargs)
         S_lab = fused_scores(runs["labeled_only"][0], X[pos[test]], name, kwargs)
-        m.update(test_metrics(Y[test], S["fused"]))
+        a, b = platt
+        P_test = (1.0 / (1.0 + np.exp(-np.clip(a * S["fused"].astype(np.float64) + b, -60, 60)))).astype(np.float32)
+        S_semi = student.scores(X[pos[test]], P_test)
+        m.update(test_metrics(Y[test], S_semi))
         m.update(test_metrics(Y[test], S_lab["fused"], "retrain/labeled_only_test"))
+        m.update(test_metrics(Y[test], S["fused"], "retrain/dual_encoder_test"))
         if name == "unidec" and float(kwargs.get("lam", 1.0)) > 0:
             m["retrain/test_map_de"] = macro_map(Y[test], S["de"])
             m["retrain/test_map_clf"] = macro_map(Y[test], S["clf"])
         m["retrain/gain"] = m["retrain/test_map"] - m["retrain/labeled_only_test_map"]
-        arrays.update(test_scores=S["fused"], test_scores_labeled_only=S_lab["fused"])
+        arrays.update(test_scores=S_semi, test_scores_dual_encoder=S["fused"], test_scores_labeled_only=S_lab["fused"])
     write_arrays(out, arrays)
+    save_student(student, out)
+    write_json(out / "platt.json", {"a": platt[0], "b": platt[1]})
     for which, (model, _, _) in runs.items():
         torch.save(model.state_dict(), out / ("dual_encoder.pt" if which == "semi" else "dual_encoder_labeled_only.pt"))
     m["retrain/seconds"] = round(time.perf_counter() - t0, 2)
     log.info("retrain: loss=%s dual encoder (unlabeled_weight %g, %s), test mAP %.4f (labeled only %.4f)", name, w,
              source, m.get("retrain/test_map", -1), m.get("retrain/labeled_only_test_map", -1))
     return m
+
+
+def _dual_encoder_student(ctx, pl_dir: Path, X: np.ndarray, Y: np.ndarray, labeled: np.ndarray, P: np.ndarray,
+                          fold_probs: list):
+    """The student (:mod:`ssl_pipeline.multilabel.student`) over the dual encoder's probabilities P (n, C) of the
+    n training rows (pooled X (n, D), labels Y (n, C)): its candidate chosen on the held-out folds, each with that
+    fold's dual encoder (``fold_probs``) and its labeler's pseudo-label scores (``val_teacher.npz``); without
+    folds the dual encoder alone. Returns (student, metrics)."""
+    from ssl_pipeline.multilabel.student import Candidate, choose, fit_student
+
+    st = settings(ctx.cfg)["student"]
+    arr = read_arrays(pl_dir, ("scores",))
+    Yf = np.asarray(Y, np.float32)
+    m: dict = {}
+    f = pl_dir / "val_teacher.npz"
+    v = np.load(f) if f.exists() and fold_probs else None
+    if v is not None and "fold_scores" in v.files and len(v["fold_scores"]) == len(fold_probs):
+        t0 = time.perf_counter()
+        folds = [(held, Pf, v["fold_scores"][i]) for i, (held, Pf) in enumerate(fold_probs)]
+        cand, vals = choose(X, Yf, labeled, folds, st)
+        m.update({f"val/student/{k}": round(x, 4) for k, x in vals.items()})
+        m.update({"val/student_map": vals[cand.name], "val/student_seconds": round(time.perf_counter() - t0, 2),
+                  "val/dual_encoder_map": vals.get(Candidate(0.0, 1.0, 0.0).name)})
+    else:
+        cand = Candidate(0.0, 1.0, 0.0)
+    m.update({"retrain/student": cand.name, "retrain/student_lambda": cand.lam,
+              "retrain/student_head_weight": cand.w, "retrain/student_knn_alpha": cand.alpha})
+    return fit_student(cand, X, Yf, labeled, arr["scores"], P, st), m
 
 
 def _student_folds(pl_dir: Path, n: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

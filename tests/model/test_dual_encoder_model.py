@@ -21,9 +21,9 @@ from tests.multilabel.test_ml_embeddings import FAST, ml_embeddings
 from tests.multilabel.test_ml_run import COLOURS, make_mosaics, tiny_ml_config
 
 
-def _test_scores(run_dir):
+def _test_scores(run_dir, which: str = "test_scores_dual_encoder"):
     art = json.loads((run_dir / "artifacts.json").read_text())["retrain"]
-    return np.load(f"{art}/rows_test.npy"), np.load(f"{art}/test_scores.npy")
+    return np.load(f"{art}/rows_test.npy"), np.load(f"{art}/{which}.npy")
 
 
 def test_unidec_on_embeddings_exports_a_model_with_the_runs_scores(tmp_path):
@@ -44,8 +44,12 @@ def test_unidec_on_embeddings_exports_a_model_with_the_runs_scores(tmp_path):
     np.testing.assert_allclose(model.scores(X).detach().numpy(), S, rtol=1e-4, atol=1e-3)
     P = model.predict_proba(X).numpy()
     assert P.shape == S.shape and (0 <= P).all() and (P <= 1).all()
+    # the final scores: the retrain's student over the dual encoder's Platt-scaled probabilities
+    np.testing.assert_allclose(P, _test_scores(tmp_path / "run", "test_scores")[1], atol=1e-4)
     Y = np.load(f)["Y"][rows]
-    assert macro_map(Y, P) == pytest.approx(m["retrain/test_map"], abs=1e-6)  # Platt scaling keeps the ranking
+    assert macro_map(Y, P) == pytest.approx(m["retrain/test_map"], abs=1e-4)
+    assert m["retrain/dual_encoder_test_map"] == pytest.approx(macro_map(Y, S), abs=1e-6)
+    assert "val/student_map" in m and m["retrain/student"]
     labels = model.predict(X)
     assert labels == ["|".join(c for c, p, t in zip(doc["classes"], r, doc["thresholds"]) if p >= t) for r in P]
     with pytest.raises(DataError, match="precomputed embeddings"):

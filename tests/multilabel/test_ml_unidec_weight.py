@@ -35,8 +35,9 @@ def test_auto_weight_is_chosen_on_the_held_out_fold_through_the_cli(tmp_path):
     assert m["val/retrain_map"] == best and fold[f"{m['retrain/unlabeled_weight']:g}"] == best
     for k in ("val/retrain_p@1", "val/retrain_p@5", "val/unlabeled_weight_seconds", "retrain/test_p@5"):
         assert k in m, k
-    if m["retrain/unlabeled_weight"] == 0:  # weight 0: the semi-supervised model is the labeled-only twin
-        assert m["retrain/test_map"] == m["retrain/labeled_only_test_map"]
+    if m["retrain/unlabeled_weight"] == 0:  # weight 0: the semi-supervised dual encoder is the labeled-only twin
+        assert m["retrain/dual_encoder_test_map"] == m["retrain/labeled_only_test_map"]
+    assert "val/student_map" in m and m["retrain/student"]  # the student over it, chosen on the same folds
 
 
 def _fold_file(tmp_path, Y_unl_pseudo: np.ndarray, held: np.ndarray):
@@ -76,11 +77,15 @@ def test_fixed_weight_and_no_fold(tmp_path):
     m = pipeline.run(make_config("data=embeddings", f"data.path={f}", *FAST, *QUICK, "loss.unlabeled_weight=0.5",
                                  cache_dir=tmp_path / "cache"), tmp_path / "run")
     assert (m["retrain/unlabeled_weight"], m["retrain/unlabeled_weight_source"]) == (0.5, "fixed")
-    assert not any(k.startswith("val/map@") for k in m)
+    # the fixed weight's fold models are the evidence the student is chosen on: one weight, no choice of it
+    assert [k for k in m if k.startswith("val/map@")] == ["val/map@unlabeled_weight=0.5"] and "val/student_map" in m
     m = pipeline.run(make_config("data=embeddings", f"data.path={f}", *FAST, *QUICK, "val.folds=0",
                                  cache_dir=tmp_path / "cache"), tmp_path / "run0")
     assert (m["retrain/unlabeled_weight"], m["retrain/unlabeled_weight_source"]) == (0.0, "auto: no held-out fold")
-    assert m["retrain/test_map"] == m["retrain/labeled_only_test_map"]
+    # no fold: no student either; the model is the labeled-only dual encoder, its scores Platt-scaled
+    assert m["retrain/student"] == "lam0_w1_a0" and "val/student_map" not in m
+    assert m["retrain/dual_encoder_test_map"] == m["retrain/labeled_only_test_map"]
+    assert m["retrain/test_map"] == pytest.approx(m["retrain/labeled_only_test_map"], abs=2e-3)
 
 
 @pytest.mark.parametrize("over, key", [
