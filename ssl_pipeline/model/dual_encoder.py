@@ -105,6 +105,11 @@ def platt_fit(S: np.ndarray, Y: np.ndarray) -> tuple[float, float]:
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
+def platt_probabilities(S: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``sigmoid(a S + b)`` (float32, same shape as the scores S), computed in float64."""
+    return (1.0 / (1.0 + np.exp(-np.clip(a * np.asarray(S, np.float64) + b, -60, 60)))).astype(np.float32)
+
+
 def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     """``<run dir>/model/`` of a ``loss=unidec`` / ``psl`` retrain from its artifact ``stage_dir``.
 
@@ -112,12 +117,10 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     semi-supervised dual encoder; the encode stage's pooled embeddings of the training rows give the Platt
     fit (labeled rows) and the class-aware thresholds (all training rows).
     """
-    from omegaconf import OmegaConf
-
-    from ssl_pipeline.model.export import _rank, export_model
-    from ssl_pipeline.model.multilabel import student_export
+    from ssl_pipeline.model.export import _rank
+    from ssl_pipeline.model.multilabel import student_export, write_multilabel_folder
     from ssl_pipeline.multilabel.features import features_of
-    from ssl_pipeline.multilabel.recipe import load_student
+    from ssl_pipeline.multilabel.recipe import encode_image_size, load_student
     from ssl_pipeline.multilabel.settings import settings
     from ssl_pipeline.multilabel.thresholds import class_aware_pseudolabels, class_frequencies
     from ssl_pipeline.multilabel.unidec import DualEncoder, loss_settings
@@ -149,10 +152,13 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     with torch.no_grad():
         S = model.scores(torch.from_numpy(Xr)).numpy()
     pf = Path(stage_dir) / "platt.json"
-    a, b = (lambda d: (float(d["a"]), float(d["b"])))(json.loads(pf.read_text())) if pf.exists() else \
-        platt_fit(S[labeled], Y[rows[labeled]])
+    if pf.exists():  # the retrain's own fit (the scale its student mixed)
+        d = json.loads(pf.read_text())
+        a, b = float(d["a"]), float(d["b"])
+    else:
+        a, b = platt_fit(S[labeled], Y[rows[labeled]])
     spec["platt"] = [a, b]
-    P = (1.0 / (1.0 + np.exp(-np.clip(a * S.astype(np.float64) + b, -60, 60)))).astype(np.float32)
+    P = platt_probabilities(S, a, b)
     student = load_student(Path(stage_dir)) if (Path(stage_dir) / "student.npz").exists() else None
     state_extra = {}
     if student is not None and (student.cand.w < 1.0 or student.cand.alpha > 0):
@@ -164,26 +170,10 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     tau = class_aware_pseudolabels(P, pi, 0.0)[0]
     # the image at the cut stays positive under the model's float32 torch arithmetic
     tau = np.where(np.isfinite(tau), tau - (1e-6 if student is not None else 0.0), 1.0)
-    meta = ctx.path("encode") / "meta.json"
-    size = None if table.meta.get("embeddings_only") or not meta.exists() else \
-        json.loads(meta.read_text()).get("image_size")
-    embeddings_only = cfg.data.kind == "embeddings" or size is None
-    bcfg = None if embeddings_only else OmegaConf.to_container(cfg.backbone, resolve=True)
-    tower, pre = None, None
-    if bcfg is not None:
-        from ssl_pipeline.backbones import load_backbone
-        from ssl_pipeline.multilabel.features import squash_transform
-
-        backbone = load_backbone(cfg.backbone, device="cpu")
-        pre = squash_transform(backbone, int(size))
-        if bcfg.get("pretrained") in (None, "", "none"):
-            tower = backbone.model.visual.state_dict()
     state = {f"head.{k}": v for k, v in enc.state_dict().items()}
     state.update(state_extra)
-    extra = {"mode": "multilabel", "preprocessing": {"squash": True}} if pre is not None else {"mode": "multilabel"}
-    return export_model(Path(ctx.run_dir) / "model", classes=list(table.classes), head_state=state, head=spec,
-                        backbone_cfg=bcfg, preprocess=pre, image_size=size, tower_state=tower, multilabel=True,
-                        thresholds=tau, metrics=metrics, extra=extra)
+    return write_multilabel_folder(ctx.run_dir, cfg=cfg, classes=list(table.classes), head_state=state, head=spec,
+                                   thresholds=tau, image_size=encode_image_size(ctx), metrics=metrics)
 
 
 def load_dual_encoder(path: Path, doc: dict, tensors: dict[str, torch.Tensor], visual, transform) -> DualEncoderModel:

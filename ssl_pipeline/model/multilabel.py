@@ -142,9 +142,7 @@ def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module
     ``thresholds`` (C,); ``image_size``: the squashed input size of the encode stage (None: embeddings);
     ``student``: the retrain's :class:`~ssl_pipeline.multilabel.student.Student` or None (the head alone).
     """
-    from omegaconf import OmegaConf
-
-    from ssl_pipeline.model.export import _rank, export_model
+    from ssl_pipeline.model.export import _rank
 
     if _rank() != 0:
         return None
@@ -156,6 +154,20 @@ def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module
     if student is not None:
         tensors, head_spec["student"] = student_export(student)
         state.update(tensors)
+    spec = dict(head_spec, kind="alignment", token_pca=pca is not None, embedding_dtype="float16")
+    return write_multilabel_folder(run_dir, cfg=cfg, classes=classes, head_state=state, head=spec,
+                                   thresholds=thresholds, image_size=image_size, metrics=metrics)
+
+
+def write_multilabel_folder(run_dir: Path, *, cfg, classes: list[str], head_state: dict[str, torch.Tensor],
+                            head: dict, thresholds: np.ndarray, image_size: int | None, metrics: dict) -> Path:
+    """``<run_dir>/model/`` of any multi-label head (alignment head, dual encoder): the backbone config, its
+    squashed-input preprocessing and, for a tower without a loadable source, its weights (image data; none for
+    an embeddings file or ``image_size`` None), then :func:`~ssl_pipeline.model.export.export_model`."""
+    from omegaconf import OmegaConf
+
+    from ssl_pipeline.model.export import export_model
+
     embeddings_only = cfg.data.kind == "embeddings" or image_size is None
     bcfg = None if embeddings_only else OmegaConf.to_container(cfg.backbone, resolve=True)
     tower, pre = None, None
@@ -167,8 +179,7 @@ def export_multilabel(run_dir: Path, *, cfg, classes: list[str], head: nn.Module
         pre = squash_transform(backbone, int(image_size))
         if bcfg.get("pretrained") in (None, "", "none"):
             tower = backbone.model.visual.state_dict()
-    spec = dict(head_spec, kind="alignment", token_pca=pca is not None, embedding_dtype="float16")
-    return export_model(Path(run_dir) / "model", classes=list(classes), head_state=state, head=spec,
+    return export_model(Path(run_dir) / "model", classes=list(classes), head_state=head_state, head=head,
                         backbone_cfg=bcfg, preprocess=pre, image_size=image_size, tower_state=tower,
                         multilabel=True, thresholds=np.asarray(thresholds, np.float64), metrics=metrics,
                         extra={"mode": "multilabel", "preprocessing": {"squash": True}} if pre is not None

@@ -178,6 +178,8 @@ def choose_unlabeled_weight(pl_dir: Path, X_rows: np.ndarray, Y_rows: np.ndarray
     if not (~labeled).any():
         return 0.0, "auto: no unlabeled rows", {}
     if v is None or "unl_decision" not in v.files or len(v["rows"]) == 0:
+        if grid is not None:  # a fixed weight's folds: nothing to warn about, the student has no evidence either
+            return 0.0, "no held-out fold", {}
         log.warning("retrain: loss.unlabeled_weight=auto found no held-out fold of the labeled rows (val.folds=0, "
                     "val.multilabel_folds=0 or too few labeled rows): the pseudo-labeled rows get weight 0; set "
                     "a number to use them")
@@ -217,12 +219,12 @@ def dual_encoder_probabilities(model, X: np.ndarray, Y: np.ndarray, fit_rows: np
     """(probabilities (n, C) float32 of rows X (n, D), Platt (a, b)): ``sigmoid(a s + b)`` of the dual encoder's
     scores ``s``, one (a, b) for all labels fitted on the rows ``fit_rows`` (labels Y (n, C)); monotone, so the
     per-label ranking is the scores'. The probability scale the retrain's student mixes and exports."""
-    from ssl_pipeline.model.dual_encoder import platt_fit
+    from ssl_pipeline.model.dual_encoder import platt_fit, platt_probabilities
     from ssl_pipeline.multilabel.unidec import fused_scores
 
-    S = fused_scores(model, X, name, kwargs)["fused"].astype(np.float64)
+    S = fused_scores(model, X, name, kwargs)["fused"]
     a, b = platt_fit(S[fit_rows], np.asarray(Y)[fit_rows])
-    return (1.0 / (1.0 + np.exp(-np.clip(a * S + b, -60, 60)))).astype(np.float32), (a, b)
+    return platt_probabilities(S, a, b), (a, b)
 
 
 def _retrain_dual_encoder(ctx, out: Path) -> dict:
@@ -232,6 +234,7 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     The pseudo-labeled rows' weight is ``loss.unlabeled_weight``: a number, or ``auto`` (the default), chosen
     on held-out labeled rows (:func:`choose_unlabeled_weight`); at weight 0 the semi-supervised model is the
     labeled-only twin (trained once)."""
+    from ssl_pipeline.model.dual_encoder import platt_probabilities
     from ssl_pipeline.multilabel.unidec import fused_scores, loss_settings, train_dual_encoder
 
     cfg, table = ctx.cfg, ctx.table
@@ -257,12 +260,10 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
         w, source, vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed,
                                                 keep=fold_probs)
     else:
-        w, source, vm = float(s["unlabeled_weight"]), "fixed", {}
-        v = np.load(pl_dir / "val_teacher.npz") if (pl_dir / "val_teacher.npz").exists() else None
-        if v is not None and "unl_decision" in v.files and len(v["rows"]) and (~labeled).any():
-            # the fixed weight's fold models: the evidence the student's candidate is chosen on
-            vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed,
-                                         grid=[w], keep=fold_probs)[2]
+        w, source = float(s["unlabeled_weight"]), "fixed"
+        # the fixed weight's fold models: the evidence the student's candidate is chosen on
+        vm = choose_unlabeled_weight(pl_dir, X[pos[rows]], Y[rows], labeled, text, name, kwargs, s, seed,
+                                     grid=[w], keep=fold_probs)[2]
     m.update(vm)
     s = dict(s, unlabeled_weight=w)
     runs = {}
@@ -292,9 +293,7 @@ def _retrain_dual_encoder(ctx, out: Path) -> dict:
     if len(test):
         S = fused_scores(runs["semi"][0], X[pos[test]], name, kwargs)
         S_lab = fused_scores(runs["labeled_only"][0], X[pos[test]], name, kwargs)
-        a, b = platt
-        P_test = (1.0 / (1.0 + np.exp(-np.clip(a * S["fused"].astype(np.float64) + b, -60, 60)))).astype(np.float32)
-        S_semi = student.scores(X[pos[test]], P_test)
+        S_semi = student.scores(X[pos[test]], platt_probabilities(S["fused"], *platt))
         m.update(test_metrics(Y[test], S_semi))
         m.update(test_metrics(Y[test], S_lab["fused"], "retrain/labeled_only_test"))
         m.update(test_metrics(Y[test], S["fused"], "retrain/dual_encoder_test"))
@@ -468,7 +467,6 @@ def export_model_folder(ctx, metrics: dict, retrain_dir: Path) -> None:
     labeled frequencies, no band).
     ``loss=unidec`` / ``psl``: the semi-supervised dual encoder of the retrain artifact ``retrain_dir``
     (:func:`ssl_pipeline.model.dual_encoder.export_dual_encoder`)."""
-    import json
 
     from ssl_pipeline.model.multilabel import export_multilabel
     from ssl_pipeline.multilabel.thresholds import class_aware_pseudolabels, class_frequencies
@@ -500,13 +498,21 @@ def export_model_folder(ctx, metrics: dict, retrain_dir: Path) -> None:
     # the image at the cut stays positive under the model's float32 arithmetic (the student's scores here are
     # numpy's, the model's torch's: they differ by ~1e-7)
     tau = np.where(np.isfinite(tau), tau - (1e-6 if student is not None else 0.0), 1.0)
-    meta = ctx.path("encode") / "meta.json"
-    size = None if table.meta.get("embeddings_only") or not meta.exists() else \
-        json.loads(meta.read_text()).get("image_size")
+    size = encode_image_size(ctx)
     spec = {"in_dim": int(semi.dim_), "hidden": int(s["hidden"]), "global_branch": bool(s["global_branch"]),
             "n_contexts": int(np.max(semi.context_of_)) + 1}
     export_multilabel(ctx.run_dir, cfg=cfg, classes=list(table.classes), head=semi.head_, head_spec=spec,
                       pca=semi.pca_, thresholds=tau, image_size=size, metrics=metrics, student=student)
+
+
+def encode_image_size(ctx) -> int | None:
+    """The squashed input size the encode stage ran the tower at (its ``meta.json``); None for an embeddings file."""
+    import json
+
+    meta = ctx.path("encode") / "meta.json"
+    if ctx.table.meta.get("embeddings_only") or not meta.exists():
+        return None
+    return json.loads(meta.read_text()).get("image_size")
 
 
 def _write_generic(rows: list[dict], run_dir: Path) -> None:
