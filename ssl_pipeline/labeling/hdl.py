@@ -309,8 +309,7 @@ class HDL(_Choices, BaseLabeler):
                  max_fit_per_class: int = 1000, lr_max_iter: int = 15, cg_iter: int = 20,
                  cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
                  admission: str = "class", text_weight: float | None = None, calibrate: bool = True,
-                 balance: str | bool = "auto", min_lin_agreement: float = 0.6,
-                 random_state: int = 0):
+                 balance: str | bool = "auto", min_lin_agreement: float = 0.6, random_state: int = 0):
         self.n_tiers = n_tiers
         self.k = k
         self.k_grid = k_grid
