@@ -38,6 +38,9 @@ def test_unidec_on_embeddings_exports_a_model_with_the_runs_scores(tmp_path):
     assert doc["metrics"]["retrain/test_map"] == pytest.approx(m["retrain/test_map"])
     a, b = doc["head"]["platt"]
     assert a > 0  # a higher score means a likelier label
+    # the scale is fitted on the validation folds' held-out rows, and the exported one is the student's
+    assert m["retrain/platt_source"] == "held-out folds"
+    assert [a, b] == pytest.approx([m["retrain/platt_a"], m["retrain/platt_b"]], abs=1e-4)
     model = ssl_pipeline.load_model(folder)
     rows, S = _test_scores(tmp_path / "run")
     X = torch.from_numpy(np.load(f)["X"][rows])
@@ -93,3 +96,23 @@ def test_a_damaged_dual_encoder_folder_is_refused_in_one_line(tmp_path):
     with pytest.raises(DataError, match="dual_encoder head field 'platt' missing") as e:
         ssl_pipeline.load_model(folder)
     assert "\n" not in str(e.value)
+
+
+def test_platt_scale_comes_from_held_out_rows_not_memorised_ones():
+    """A model that memorised its training rows scores them far apart; held out, its scores overlap. The scale
+    fitted on held-out rows is the flatter, honest one; without folds the training rows are the named fallback."""
+    from ssl_pipeline.model.dual_encoder import platt_fit
+    from ssl_pipeline.multilabel.recipe import dual_encoder_platt
+
+    rng = np.random.default_rng(0)
+    n, C = 200, 5
+    Y = (rng.random((n, C)) < 0.3).astype(np.int8)
+    S_train = np.where(Y == 1, 3.0, -3.0) + 0.1 * rng.standard_normal((n, C))  # memorised: nearly separable
+    held = [np.arange(0, 100), np.arange(100, 200)]
+    folds = [(h, np.where(Y == 1, 0.5, -0.5) + rng.standard_normal((n, C))) for h in held]
+    (a, b), src = dual_encoder_platt(folds, Y, S_train, np.arange(n))
+    assert src == "held-out folds"
+    S_held = np.concatenate([Sf[h] for h, Sf in folds])
+    assert (a, b) == pytest.approx(platt_fit(S_held, Y[np.concatenate(held)]))
+    (a0, _), src0 = dual_encoder_platt([], Y, S_train, np.arange(n))
+    assert src0 == "training rows" and a0 > 2 * a  # the memorised scale is the steeper, overconfident one
