@@ -13,7 +13,7 @@ import logging
 import numpy as np
 from numpy.typing import NDArray
 
-from ssl_pipeline.labeling.knn import as_float32, as_unit_rows, build_index, search
+from ssl_pipeline.labeling.knn import as_float32, as_unit_rows, exact_search
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def kmeans(X: NDArray, n_clusters: int, n_iter: int = 25, max_sample: int = 100_
     """Spherical k-means: (centroids (K, D) unit rows, assignment (N,) int64).
 
     Fitted on a seeded sample of at most ``min(max_sample, points_per_centroid * K)``
-    rows; every row is then assigned to its most similar centroid (batched faiss search).
+    rows; every row is then assigned to its most similar centroid (batched exact search).
     """
     import faiss
 
@@ -37,9 +37,55 @@ def kmeans(X: NDArray, n_clusters: int, n_iter: int = 25, max_sample: int = 100_
                       max_points_per_centroid=max(256, len(sample) // k + 1), min_points_per_centroid=1)
     km.train(sample)
     centroids = km.centroids / np.maximum(np.linalg.norm(km.centroids, axis=1, keepdims=True), 1e-12)
-    index = build_index(centroids.astype(np.float32), kind="flat")
-    _, assign = search(index, X, 1)
+    _, assign = exact_search(centroids.astype(np.float32), X, 1)
     return centroids.astype(np.float32), assign[:, 0]
+
+
+def lloyd_kmeans(X: NDArray, k: int, n_iter: int = 10, seed: int = 0, max_points_per_centroid: int = 256
+                 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Euclidean k-means (Lloyd) by numpy's BLAS: (centroids (k, D) float32, assignment (N,) int64).
+
+    Trained on a seeded sample of at most ``k * max_points_per_centroid`` rows from ``k`` distinct seeded
+    rows; an emptied cluster restarts at the sample row farthest from its centroid. Every row of ``X``
+    (float16 or memory-mapped rows are read in batches) is then assigned to its nearest centroid. For the
+    small in-fit clusterings of HDL (a few hundred clusters of 64-dim rows), where faiss's k-means ran on
+    the slow generic kernels of the OpenBLAS in its wheels (see :func:`ssl_pipeline.labeling.knn._top_k`).
+    """
+    import scipy.sparse as sp
+
+    n = len(X)
+    k = int(min(max(1, k), n))
+    rng = np.random.default_rng(seed)
+    m = min(n, k * max_points_per_centroid)
+    S = as_float32(X if m >= n else X[np.sort(rng.choice(n, m, replace=False))])
+    C = S[np.sort(rng.choice(len(S), k, replace=False))].copy()
+    ones = np.ones(len(S), np.float32)
+    for _ in range(n_iter):
+        a, d2 = _nearest_centroid(S, C)
+        counts = np.bincount(a, minlength=k)
+        C = np.asarray(sp.csr_matrix((ones, (a, np.arange(len(S)))), shape=(k, len(S))) @ S, np.float32)
+        C /= np.maximum(counts, 1).astype(np.float32)[:, None]
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            C[empty] = S[np.argsort(-d2, kind="stable")[:len(empty)]]
+    return C, _nearest_centroid(X, C)[0]
+
+
+def _nearest_centroid(X: NDArray, C: NDArray[np.float32], max_floats: int = 2 ** 22
+                      ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Nearest row of ``C`` (k, D) to every row of ``X`` (N, D): (index (N,), squared distance (N,))."""
+    cn = np.einsum("ij,ij->i", C, C)
+    step = max(1, max_floats // max(len(C), 1))
+    a = np.empty(len(X), np.int64)
+    d2 = np.empty(len(X), np.float32)
+    for s in range(0, len(X), step):
+        xb = as_float32(X[s:s + step])
+        G = xb @ C.T
+        G *= -2.0
+        G += cn
+        a[s:s + len(xb)] = np.argmin(G, axis=1)
+        d2[s:s + len(xb)] = G[np.arange(len(xb)), a[s:s + len(xb)]] + np.einsum("ij,ij->i", xb, xb)
+    return a, d2
 
 
 def silhouette_cosine(X: NDArray[np.float32], labels: NDArray, sample: int = 3000, seed: int = 0) -> float:
@@ -106,7 +152,7 @@ def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sampl
         if graph_idx is not None:
             centroids, _ = kmeans(S, k, n_iter=n_iter, max_sample=len(S), seed=seed, points_per_centroid=len(S))
             labels = np.full(n, -1, np.int64)
-            _, a = search(build_index(centroids, kind="flat"), X_need, 1)
+            _, a = exact_search(centroids, X_need, 1)
             labels[need] = a[:, 0]
             scores[k] = graph_modularity(graph_idx, labels, nodes)
         else:

@@ -180,13 +180,11 @@ def _pad(g_idx: NDArray, g_sim: NDArray, k: int) -> KNNGraph:
 def exact_search(X_index: NDArray, Q: NDArray, k: int, batch_size: int = 4096, block_rows: int = 262_144
                  ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Exact inner-product top-``k`` of the rows of ``Q`` among the rows of ``X_index``, without copying the
-    index rows into a faiss index (``faiss.knn``): (sim (M, k) float32, idx (M, k) int64).
+    index rows into an index (:func:`_top_k`): (sim (M, k) float32, idx (M, k) int64).
 
     A float16 or memory-mapped ``X_index`` of more than ``block_rows`` rows is searched one
     float32 block at a time (the blocks' top-``k`` lists merged), so it is never copied whole.
     """
-    import faiss
-
     k = min(k, len(X_index))
     blocked = not (X_index.dtype == np.float32 and X_index.flags.c_contiguous) and len(X_index) > block_rows
     if not blocked:
@@ -196,12 +194,12 @@ def exact_search(X_index: NDArray, Q: NDArray, k: int, batch_size: int = 4096, b
     for s in range(0, len(Q), step):
         q = as_float32(Q[s:s + step])
         if not blocked:
-            D, Ix = faiss.knn(q, X_index, k, metric=faiss.METRIC_INNER_PRODUCT)
+            D, Ix = _top_k(q, X_index, k)
         else:
             parts_d, parts_i = [], []
             for b in range(0, len(X_index), block_rows):
                 block = as_float32(X_index[b:b + block_rows])
-                d_b, i_b = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+                d_b, i_b = _top_k(q, block, k)
                 parts_d.append(d_b)
                 parts_i.append(i_b + b)
             D, Ix = np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1)
@@ -243,11 +241,33 @@ def ivf_knn_params(n: int, nlist: int | None = None) -> int:
     return int(nlist or max(1, min(n // 16, round(np.sqrt(n)))))
 
 
-def _top_k(Q: NDArray[np.float32], B: NDArray[np.float32], k: int) -> tuple[NDArray, NDArray]:
-    """The ``k`` largest inner products of each row of ``Q`` with the rows of ``B``: (sim, position in B)."""
-    import faiss
+def _top_k(Q: NDArray, B: NDArray, k: int, max_floats: int = 2 ** 22) -> tuple[NDArray, NDArray]:
+    """The ``k`` largest inner products of each row of ``Q`` (M, D) with the rows of ``B`` (N, D), largest
+    first: (sim (M, k) float32, position in B (M, k) int64), ``k`` capped at N.
 
-    return faiss.knn(as_float32(Q), as_float32(B), min(k, len(B)), metric=faiss.METRIC_INNER_PRODUCT)
+    One matrix product per block of query rows (at most ``max_floats`` similarities at a time) by numpy's
+    BLAS, then a partial sort. Not ``faiss.knn``: the OpenBLAS bundled with the faiss-cpu wheels (0.3.15)
+    falls back to its generic Prescott kernels on CPUs it does not recognise (virtual machines reporting
+    a plain "Intel Xeon Processor"), which made the exact kNN graph of 4k x 512 rows 2.5x slower than
+    numpy's product on the same core.
+    """
+    Q, B = as_float32(Q), as_float32(B)
+    n = len(B)
+    k = min(k, n)
+    sims = np.empty((len(Q), k), np.float32)
+    idxs = np.empty((len(Q), k), np.int64)
+    step = max(1, max_floats // max(n, 1))
+    for s in range(0, len(Q), step):
+        S = Q[s:s + step] @ B.T
+        if k < n:
+            pos = np.argpartition(S, n - k, axis=1)[:, n - k:]
+            v = np.take_along_axis(S, pos, axis=1)
+        else:
+            pos, v = np.broadcast_to(np.arange(n), S.shape), S
+        order = np.argsort(-v, axis=1, kind="stable")
+        sims[s:s + len(S)] = np.take_along_axis(v, order, axis=1)
+        idxs[s:s + len(S)] = np.take_along_axis(pos, order, axis=1)
+    return sims, idxs
 
 
 def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | None = None,
@@ -283,7 +303,7 @@ def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | No
         del sample
         cent = np.ascontiguousarray(km.centroids, dtype=np.float32)
         cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
-        _, a = search(build_index(cent, kind="flat"), X, 1)
+        _, a = exact_search(cent, X, 1)
         assign = a[:, 0]
     else:
         cent = np.zeros((1, d), np.float32)

@@ -79,6 +79,8 @@ def _propagate(S: sp.csr_matrix, B: NDArray | list, alpha: float, X0: NDArray | 
     own_b = isinstance(B, list)
     B = np.asarray(B.pop() if own_b else B, np.float32)
     stop = (tol ** 2) * np.maximum(np.einsum("ij,ij->j", B, B), 1e-30)
+    # -alpha S, so one accumulating product gives A P = P - alpha S P (no separate scale and add passes)
+    S_neg = sp.csr_matrix((S.data * np.float32(-alpha), S.indices, S.indptr), shape=S.shape)
     if X0 is None:
         Z = np.zeros_like(B)
         R = B if own_b else B.copy()
@@ -94,13 +96,13 @@ def _propagate(S: sp.csr_matrix, B: NDArray | list, alpha: float, X0: NDArray | 
     for _ in range(n_iter):
         if (rs <= stop).all():
             break
-        _spmm_into(S, P, AP)
-        AP *= -alpha
-        AP += P
+        np.copyto(AP, P)
+        _spmm_into(S_neg, P, AP, accumulate=True)
         step = (rs / np.maximum(np.einsum("ij,ij->j", P, AP), 1e-30)).astype(np.float32)
-        Z += step * P
         AP *= step
         R -= AP
+        np.multiply(P, step, out=AP)  # AP is free again: work space for step * P
+        Z += AP
         rs_new = np.einsum("ij,ij->j", R, R)
         P *= (rs_new / np.maximum(rs, 1e-30)).astype(np.float32)
         P += R
@@ -108,14 +110,20 @@ def _propagate(S: sp.csr_matrix, B: NDArray | list, alpha: float, X0: NDArray | 
     return Z
 
 
-def _spmm_into(S: sp.csr_matrix, P: NDArray[np.float32], out: NDArray[np.float32]) -> None:
-    """``out[:] = S @ P`` without allocating the product (scipy's csr kernel accumulates into ``out``)."""
+def _spmm_into(S: sp.csr_matrix, P: NDArray[np.float32], out: NDArray[np.float32], accumulate: bool = False
+               ) -> None:
+    """``out[:] = S @ P`` (``out += S @ P`` with ``accumulate``) without allocating the product (scipy's csr
+    kernel accumulates into ``out``)."""
     try:
         from scipy.sparse._sparsetools import csr_matvecs
     except ImportError:  # private scipy API: fall back to the allocating product
-        out[:] = S @ P
+        if accumulate:
+            out += S @ P
+        else:
+            out[:] = S @ P
         return
-    out.fill(0.0)
+    if not accumulate:
+        out.fill(0.0)
     n_row, n_col = S.shape
     csr_matvecs(n_row, n_col, P.shape[1], S.indptr, S.indices, S.data, P.ravel(), out.ravel())
 

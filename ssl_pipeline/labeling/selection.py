@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
+from ssl_pipeline.labeling.clustering import lloyd_kmeans
 from ssl_pipeline.labeling.knn import KNNGraph
 from ssl_pipeline.labeling.linear import (
     _fit_softmax,
@@ -134,7 +135,6 @@ class _Choices:
         """k-means on a PCA projection of the centred rows; return (n_clusters, cluster id of every row)."""
         if self.n_clusters == 0 or len(X) < 4:
             return 0, None
-        import faiss
         from sklearn.metrics import normalized_mutual_info_score
 
         n = len(X)
@@ -152,11 +152,8 @@ class _Choices:
         per_centroid = int(np.clip(256 * 20_000 // n, 64, 256))
         for nc in candidates:
             nc = int(min(max(nc, 2), n))
-            km = faiss.Kmeans(Xp.shape[1], nc, niter=10, seed=self.random_state, verbose=False,
-                              max_points_per_centroid=per_centroid, min_points_per_centroid=1)
-            km.train(Xp)
-            _, assign = km.index.search(Xp, 1)
-            assign = assign.ravel()
+            _, assign = lloyd_kmeans(Xp, nc, n_iter=10, seed=self.random_state,
+                                     max_points_per_centroid=per_centroid)
             score = normalized_mutual_info_score(pred, assign) if len(candidates) > 1 else 0.0
             if score > best[0]:
                 best = (score, nc, assign)

@@ -1,0 +1,73 @@
+"""The numpy exact top-k search and the numpy Lloyd k-means that replaced faiss's flat search and k-means in
+HDL's fit (faiss's bundled OpenBLAS runs generic kernels on unrecognised CPUs)."""
+
+import numpy as np
+import pytest
+
+from ssl_pipeline.labeling.clustering import lloyd_kmeans
+from ssl_pipeline.labeling.knn import _top_k, exact_search, knn_graph
+
+
+def _unit(rng, n, d):
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("max_floats", [2 ** 22, 37])  # one block, and many blocks of a few rows
+def test_top_k_matches_a_full_sort(max_floats):
+    rng = np.random.default_rng(0)
+    Q, B = _unit(rng, 53, 16), _unit(rng, 71, 16)
+    sim, pos = _top_k(Q, B, 5, max_floats=max_floats)
+    full = Q @ B.T
+    want = np.argsort(-full, axis=1)[:, :5]
+    assert sim.shape == pos.shape == (53, 5) and sim.dtype == np.float32 and pos.dtype == np.int64
+    np.testing.assert_array_equal(pos, want)
+    np.testing.assert_allclose(sim, np.take_along_axis(full, want, axis=1), rtol=1e-5)
+    assert (np.diff(sim, axis=1) <= 0).all()
+
+
+def test_top_k_caps_k_at_the_index_size_and_reads_float16():
+    rng = np.random.default_rng(1)
+    Q, B = _unit(rng, 7, 8), _unit(rng, 4, 8)
+    sim, pos = _top_k(Q.astype(np.float16), B, 10)
+    assert pos.shape == (7, 4)
+    np.testing.assert_array_equal(np.sort(pos, axis=1), np.tile(np.arange(4), (7, 1)))
+
+
+def test_exact_search_blocked_path_equals_the_plain_one():
+    rng = np.random.default_rng(2)
+    X = _unit(rng, 300, 12)
+    plain = exact_search(X, X[:40], 6)
+    blocked = exact_search(X.astype(np.float16), X[:40], 6, block_rows=64)  # float16 index: blocked search
+    np.testing.assert_array_equal(plain[1][:, 0], np.arange(40))  # each row is its own nearest
+    assert (plain[1] == blocked[1]).mean() > 0.95  # float16 rounding may swap near ties
+
+
+def test_knn_graph_drops_self():
+    rng = np.random.default_rng(3)
+    X = _unit(rng, 100, 10)
+    g = knn_graph(X, 4)
+    assert g.idx.shape == (100, 4) and not (g.idx == np.arange(100)[:, None]).any()
+
+
+def test_lloyd_kmeans_recovers_separated_blobs_and_is_seeded():
+    rng = np.random.default_rng(4)
+    centres = 10 * rng.standard_normal((5, 8)).astype(np.float32)
+    truth = np.repeat(np.arange(5), 60)
+    X = centres[truth] + 0.1 * rng.standard_normal((300, 8)).astype(np.float32)
+    C, a = lloyd_kmeans(X, 5, n_iter=20, seed=0)
+    assert C.shape == (5, 8) and a.shape == (300,) and a.dtype == np.int64
+    # every blob is one cluster (up to relabelling) or, at worst, one blob split and two merged: check purity
+    purity = sum(np.bincount(truth[a == c]).max() for c in np.unique(a)) / len(a)
+    assert purity >= 0.8
+    C2, a2 = lloyd_kmeans(X, 5, n_iter=20, seed=0)
+    np.testing.assert_array_equal(a, a2)
+
+
+def test_lloyd_kmeans_restarts_empty_clusters_and_caps_k():
+    X = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)  # 3 distinct points, 10 copies each
+    X[0] += 0.5  # one row far from its copies: the empty clusters restart at the farthest rows
+    C, a = lloyd_kmeans(X, 4, n_iter=5, seed=0)
+    assert len(np.unique(a)) >= 3
+    C, a = lloyd_kmeans(X[:2], 5, n_iter=2, seed=0)
+    assert C.shape == (2, 3)
