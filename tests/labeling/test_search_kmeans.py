@@ -13,11 +13,11 @@ def _unit(rng, n, d):
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("max_floats", [2 ** 22, 37])  # one block, and many blocks of a few rows
-def test_top_k_matches_a_full_sort(max_floats):
+@pytest.mark.parametrize("blocks", [(1024, 8192), (7, 3), (10, 20)])  # one tile; tiles narrower than k; many
+def test_top_k_matches_a_full_sort(blocks):
     rng = np.random.default_rng(0)
     Q, B = _unit(rng, 53, 16), _unit(rng, 71, 16)
-    sim, pos = _top_k(Q, B, 5, max_floats=max_floats)
+    sim, pos = _top_k(Q, B, 5, q_block=blocks[0], b_block=blocks[1])
     full = Q @ B.T
     want = np.argsort(-full, axis=1)[:, :5]
     assert sim.shape == pos.shape == (53, 5) and sim.dtype == np.float32 and pos.dtype == np.int64
