@@ -13,7 +13,7 @@ def _unit(rng, n, d):
     return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("blocks", [(1024, 8192), (7, 3), (10, 20)])  # one tile; tiles narrower than k; many
+@pytest.mark.parametrize("blocks", [(1024, 4096), (7, 3), (10, 20)])  # one tile; tiles narrower than k; many
 def test_top_k_matches_a_full_sort(blocks):
     rng = np.random.default_rng(0)
     Q, B = _unit(rng, 53, 16), _unit(rng, 71, 16)
