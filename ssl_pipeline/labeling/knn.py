@@ -252,8 +252,8 @@ def _top_k(Q: NDArray, B: NDArray, k: int, q_block: int = 1024, b_block: int = 4
     selection ``faiss.knn`` uses, OpenMP-parallel over rows). Not ``faiss.knn`` itself: the OpenBLAS bundled
     with the faiss-cpu wheels (0.3.15) falls back to its generic Prescott kernels on CPUs it does not
     recognise (virtual machines reporting a plain "Intel Xeon Processor"); there the exact kNN graph of
-    4k x 512 rows took 0.59 s through ``faiss.knn`` and 0.21 s this way, 20k x 512 rows 13.7 s and 3.4 s
-    (one thread each).
+    4k x 512 rows took 0.57 s through ``faiss.knn`` and 0.15 s this way, 20k x 512 rows 14.0 s and 3.4 s (one
+    thread each; ``benchmarks/knn_speed.py``).
     """
     import faiss
 
