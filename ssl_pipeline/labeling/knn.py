@@ -188,26 +188,22 @@ def exact_search(X_index: NDArray, Q: NDArray, k: int, batch_size: int = 4096, b
     """
     k = min(k, len(X_index))
     blocked = not (X_index.dtype == np.float32 and X_index.flags.c_contiguous) and len(X_index) > block_rows
-    if not blocked:
-        X_index = as_float32(X_index)
-    step = 16 * batch_size if blocked else batch_size  # blocked: fewer, larger query batches per index pass
+    if not blocked:  # _top_k tiles both sides and casts query rows block by block itself
+        return _top_k(Q, X_index, k)
+    step = 16 * batch_size  # fewer, larger query batches per pass over the index blocks
     sims, idxs = [], []
     for s in range(0, len(Q), step):
         q = as_float32(Q[s:s + step])
-        if not blocked:
-            D, Ix = _top_k(q, X_index, k)
-        else:
-            parts_d, parts_i = [], []
-            for b in range(0, len(X_index), block_rows):
-                block = as_float32(X_index[b:b + block_rows])
-                d_b, i_b = _top_k(q, block, k)
-                parts_d.append(d_b)
-                parts_i.append(i_b + b)
-            D, Ix = np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1)
-            top = np.argsort(-D, axis=1, kind="stable")[:, :k]
-            D, Ix = np.take_along_axis(D, top, axis=1), np.take_along_axis(Ix, top, axis=1)
-        sims.append(D.astype(np.float32))
-        idxs.append(Ix.astype(np.int64))
+        parts_d, parts_i = [], []
+        for b in range(0, len(X_index), block_rows):
+            block = as_float32(X_index[b:b + block_rows])
+            d_b, i_b = _top_k(q, block, k)
+            parts_d.append(d_b)
+            parts_i.append(i_b + b)
+        D, Ix = np.concatenate(parts_d, axis=1), np.concatenate(parts_i, axis=1)
+        top = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        sims.append(np.take_along_axis(D, top, axis=1))
+        idxs.append(np.take_along_axis(Ix, top, axis=1))
     if not sims:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return np.concatenate(sims), np.concatenate(idxs)
@@ -249,7 +245,7 @@ def _top_k(Q: NDArray, B: NDArray, k: int, q_block: int = 1024, b_block: int = 4
 
     Tiled: one matrix product per (``q_block`` x ``b_block``) tile by numpy's BLAS (16 MB of similarities
     at most), each tile pushed into per-row top-``k`` heaps by faiss (``float_minheap_array_t.addn``, the
-    selection ``faiss.knn`` uses, OpenMP-parallel over rows). Not ``faiss.knn`` itself: the OpenBLAS bundled
+    selection ``faiss.knn`` uses, here on one thread: see below). Not ``faiss.knn`` itself: the OpenBLAS bundled
     with the faiss-cpu wheels (0.3.15) falls back to its generic Prescott kernels on CPUs it does not
     recognise (virtual machines reporting a plain "Intel Xeon Processor"); there the exact kNN graph of
     4k x 512 rows took 0.57 s through ``faiss.knn`` and 0.15 s this way, 20k x 512 rows 14.0 s and 3.4 s (one
@@ -277,7 +273,8 @@ def _top_k(Q: NDArray, B: NDArray, k: int, q_block: int = 1024, b_block: int = 4
             S = np.ascontiguousarray(q @ B[bs:bs + b_block].T, dtype=np.float32)
             step = max(1, 100_000 // S.shape[1])  # <= 100,000 entries a call: faiss's serial branch of addn
             for r in range(0, len(q), step):
-                heaps.addn(S.shape[1], faiss.swig_ptr(S[r:r + step]), bs, r, len(S[r:r + step]))
+                rows = S[r:r + step]
+                heaps.addn(S.shape[1], faiss.swig_ptr(rows), bs, r, len(rows))
         order = np.argsort(-d_q, axis=1, kind="stable")  # largest first
         d_q[:] = np.take_along_axis(d_q, order, axis=1)
         i_q[:] = np.take_along_axis(i_q, order, axis=1)
