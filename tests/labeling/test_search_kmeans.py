@@ -64,10 +64,22 @@ def test_lloyd_kmeans_recovers_separated_blobs_and_is_seeded():
     np.testing.assert_array_equal(a, a2)
 
 
-def test_lloyd_kmeans_restarts_empty_clusters_and_caps_k():
+def test_lloyd_kmeans_uses_the_distinct_points_and_caps_k():
     X = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)  # 3 distinct points, 10 copies each
-    X[0] += 0.5  # one row far from its copies: the empty clusters restart at the farthest rows
+    X[0] += 0.5  # one row off its copies: a fourth distinct point
     C, a = lloyd_kmeans(X, 4, n_iter=5, seed=0)
     assert len(np.unique(a)) >= 3
     C, a = lloyd_kmeans(X[:2], 5, n_iter=2, seed=0)
     assert C.shape == (2, 3)
+
+
+def test_lloyd_kmeans_restart_recovers_a_cluster_its_seeds_missed():
+    # 29 copies of one point and one other point: seed 0 starts both centroids on copies of the first (rows 19
+    # and 24), so the second cluster empties at once; only the restart at the farthest row finds the lone point
+    # (far from the origin, where an emptied cluster's zero centroid would sit and could catch a row by luck)
+    X = np.full((30, 2), 10.0, np.float32)
+    X[0] = [10.0, 11.0]
+    C, a = lloyd_kmeans(X, 2, n_iter=3, seed=0)
+    assert a[0] != a[1] and (a[1:] == a[1]).all()
+    np.testing.assert_allclose(C[a[0]], [10.0, 11.0], atol=1e-5)
+    np.testing.assert_allclose(C[a[1]], [10.0, 10.0], atol=1e-5)
