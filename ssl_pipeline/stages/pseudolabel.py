@@ -62,9 +62,10 @@ def class_text(ctx: Context) -> np.ndarray | None:
     return text if text is not None else ctx.table.meta.get("text")
 
 
-def _fit_labeler(cfg: DictConfig, X: np.ndarray, y: np.ndarray, graph, text: np.ndarray | None = None):
-    """Instantiate ``cfg.pseudolabel.labeler`` and fit it; ``text`` reaches labelers whose ``fit`` takes it."""
-    labeler = instantiate(cfg.pseudolabel.labeler)
+def _fit_labeler(cfg: DictConfig, X: np.ndarray, y: np.ndarray, graph, text: np.ndarray | None = None,
+                 labeler=None):
+    """Fit ``labeler`` (default: a new ``cfg.pseudolabel.labeler``); ``text`` reaches labelers whose ``fit`` takes it."""
+    labeler = instantiate(cfg.pseudolabel.labeler) if labeler is None else labeler
     if text is not None and "text" in inspect.signature(labeler.fit).parameters:
         labeler.fit(X, y, neighbors=graph, text=text)
     else:
@@ -196,8 +197,9 @@ class Pseudolabel(CachedStage):
         X = load_rows(store, np.searchsorted(store.rows, rows))  # float16 memory map (float32 copies: labelers)
         graph = load_graph(cluster_dir)
         text = class_text(ctx)
+        labeler = instantiate(cfg.pseudolabel.labeler)  # imports its module: not part of the fit's seconds
         t0 = time.perf_counter()
-        labeler = _fit_labeler(cfg, X, y, graph, text)
+        labeler = _fit_labeler(cfg, X, y, graph, text, labeler)
         seconds = time.perf_counter() - t0
         log.info("pseudolabel: %s on %d points (%d labeled)", type(labeler).__name__, len(X), int(labeled.sum()))
         arrs = _arrays(labeler, rows, labeled, graph)
