@@ -64,7 +64,7 @@ def class_text(ctx: Context) -> np.ndarray | None:
 
 def _fit_labeler(cfg: DictConfig, X: np.ndarray, y: np.ndarray, graph, text: np.ndarray | None = None,
                  labeler=None):
-    """Fit ``labeler`` (default: a new ``cfg.pseudolabel.labeler``); ``text`` reaches labelers whose ``fit`` takes it."""
+    """Fit ``labeler`` (default: a new ``cfg.pseudolabel.labeler``); ``text`` reaches labelers whose fit takes it."""
     labeler = instantiate(cfg.pseudolabel.labeler) if labeler is None else labeler
     if text is not None and "text" in inspect.signature(labeler.fit).parameters:
         labeler.fit(X, y, neighbors=graph, text=text)
