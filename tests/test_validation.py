@@ -110,3 +110,24 @@ def test_a_sampled_validation_fits_once(tmp_path):
     full = validate_labeler(make_config("pseudolabel=knn", "val.max_rows=0"), X, y, np.arange(len(y)),
                             knn_graph(X, 20), tmp_path / "full")
     assert full["val/folds"] == 5 and full["val/n_heldout"] == 40
+
+
+def test_threaded_folds_give_the_serial_figures(tmp_path):
+    """val.n_jobs changes how the fold fits run, not what they give (HDL, 5 folds, 2 threads vs 1)."""
+    from ssl_pipeline.labeling.knn import knn_graph
+    from ssl_pipeline.stages.pseudolabel import validate_labeler
+    from tests.conftest import blobs
+
+    X, y_true = blobs(n_per_class=60)
+    y = np.full(len(y_true), -1)
+    y[::6] = y_true[::6]
+    g = knn_graph(X, 20)
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        m = validate_labeler(make_config("pseudolabel=hdl", f"val.n_jobs={jobs}"), X, y, np.arange(len(y)), g, out)
+        runs[jobs] = (m["val/accuracy"], m["val/folds"], np.load(out / "val" / "fold0" / "labels.npy"))
+    assert runs[1][:2] == runs[2][:2] and runs[1][1] == 5
+    assert np.array_equal(runs[1][2], runs[2][2])
+    with pytest.raises(ConfigError, match="val.n_jobs"):
+        validation.settings(make_config("val.n_jobs=0"))

@@ -125,11 +125,25 @@ def validate_labeler(cfg: DictConfig, X, y: np.ndarray, rows: np.ndarray, graph,
     if len(rows) < n_rows:  # a sample: one held-out split (one extra fit), whatever its number of labels
         vs = dict(vs, kfold_below=0)
     folds = validation.single_label_folds(y, vs)
-    correct = total = 0
-    for f, held in enumerate(folds):
+
+    def fold_fit(held: np.ndarray):
         y_f = y.copy()
         y_f[held] = -1
-        lab = _fit_labeler(cfg, X, y_f, graph, text)
+        return y_f, _fit_labeler(cfg, X, y_f, graph, text)
+
+    workers = validation.n_workers(vs, len(folds))
+    if workers > 1:  # independent seeded fits: threads (numpy, scipy and faiss release the GIL), one BLAS thread each
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        log.info("pseudolabel: %d validation fits in %d threads", len(folds), workers)
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            fits = list(pool.map(fold_fit, folds))
+    else:
+        fits = [fold_fit(held) for held in folds]
+    correct = total = 0
+    for f, (held, (y_f, lab)) in enumerate(zip(folds, fits)):
         pred = np.asarray(lab.labels_, np.int64)[held]
         correct += int((pred == y[held]).sum())
         total += len(held)
@@ -178,6 +192,7 @@ class Pseudolabel(CachedStage):
         else:
             conf = OmegaConf.to_container(cfg.pseudolabel, resolve=True)
             labels = array_hash(table.y[np.load(ctx.path("cluster") / "rows.npy")])
+        val = {k: v for k, v in val.items() if k not in validation.RESULT_FREE}
         parts = {"cfg": conf, "labels": labels, "val": val}
         text = None if table.multilabel else class_text(ctx)
         if text is not None:
