@@ -381,3 +381,24 @@ def test_match_temperature_hits_its_target():
         Q = power_rows(P.copy(), e)
         assert abs(Q.max(axis=1).mean() - target) < 1e-3
         assert (Q.argmax(axis=1) == P.argmax(axis=1)).all()
+
+
+def test_unreached_rows_go_to_the_other_experts_or_the_clusters():
+    # class 0 also has a tight satellite, on class 0's side of the other centres but far from every row of
+    # the blobs: the kNN graph (k = 5) never links it to them, so propagation cannot reach it
+    X, y, centres = blobs([80, 80, 80], sigma=0.5, seed=12)
+    rng = np.random.default_rng(12)
+    sat = centres[0] - (centres[1] + centres[2]) + 0.02 * rng.standard_normal((30, X.shape[1]))
+    sat /= np.linalg.norm(sat, axis=1, keepdims=True)
+    X = np.concatenate([X, sat.astype(np.float32)])
+    y = np.concatenate([y, np.zeros(30, np.int64)])
+    ym = mask_labels(y[:240], 4, seed=12)
+    ym = np.concatenate([ym, np.full(30, -1)])
+    g = knn_graph(X, 10)
+    assert not np.isin(g.idx[240:, :5], np.arange(240)).any()  # the satellite is its own component at k = 5
+    assert not np.isin(g.idx[:240, :5], np.arange(240, 270)).any()
+    with_lin = HDL(k=5).fit(X, ym, neighbors=g)
+    assert with_lin.n_clusters_ == 0 and (with_lin.labels_[240:] == 0).mean() >= 0.9  # the linear expert decides
+    alone = HDL(k=5, lin_weight=0.0).fit(X, ym, neighbors=g)
+    assert alone.n_clusters_ >= 2  # the propagation alone: the k-means opinion labels the satellite
+    assert (alone.labels_[240:] == 0).mean() >= 0.9
