@@ -189,6 +189,8 @@ def exact_search(X_index: NDArray, Q: NDArray, k: int, batch_size: int = 4096, b
     k = min(k, len(X_index))
     blocked = not (X_index.dtype == np.float32 and X_index.flags.c_contiguous) and len(X_index) > block_rows
     if not blocked:  # _top_k tiles both sides and casts query rows block by block itself
+        if Q is X_index:  # the kNN graph's self-search: each off-diagonal tile's product serves both its blocks
+            return _top_k_self(X_index, k)
         return _top_k(Q, X_index, k)
     step = 16 * batch_size  # fewer, larger query batches per pass over the index blocks
     sims, idxs = [], []
@@ -251,8 +253,6 @@ def _top_k(Q: NDArray, B: NDArray, k: int, q_block: int = 1024, b_block: int = 4
     4k x 512 rows took 0.57 s through ``faiss.knn`` and 0.15 s this way, 20k x 512 rows 14.0 s and 3.4 s (one
     thread each; ``benchmarks/knn_speed.py``).
     """
-    import faiss
-
     B = as_float32(B)
     n = len(B)
     k = min(k, n)
@@ -261,24 +261,76 @@ def _top_k(Q: NDArray, B: NDArray, k: int, q_block: int = 1024, b_block: int = 4
     for qs in range(0, len(Q), q_block):
         q = as_float32(Q[qs:qs + q_block])
         d_q, i_q = sims[qs:qs + len(q)], idxs[qs:qs + len(q)]  # contiguous row blocks: the heaps' storage
-        # a min-heap per row keeps the k largest; filled with -inf (equal entries: already a heap) and sorted
-        # by numpy at the end, so faiss opens no OpenMP region (heapify / reorder would): its threads'
-        # spin-waits stalled numpy's BLAS threads between tiles (4.7x slower at 50k x 282 on 2 cores)
-        d_q.fill(-np.inf)
-        i_q.fill(-1)
-        heaps = faiss.float_minheap_array_t()
-        heaps.k, heaps.nh = k, len(q)
-        heaps.val, heaps.ids = faiss.swig_ptr(d_q), faiss.swig_ptr(i_q)
+        heaps = _heaps(d_q, i_q)
         for bs in range(0, n, b_block):
-            S = np.ascontiguousarray(q @ B[bs:bs + b_block].T, dtype=np.float32)
-            step = max(1, 100_000 // S.shape[1])  # <= 100,000 entries a call: faiss's serial branch of addn
-            for r in range(0, len(q), step):
-                rows = S[r:r + step]
-                heaps.addn(S.shape[1], faiss.swig_ptr(rows), bs, r, len(rows))
-        order = np.argsort(-d_q, axis=1, kind="stable")  # largest first
-        d_q[:] = np.take_along_axis(d_q, order, axis=1)
-        i_q[:] = np.take_along_axis(i_q, order, axis=1)
+            _push(heaps, np.ascontiguousarray(q @ B[bs:bs + b_block].T, dtype=np.float32), 0, bs)
+        _sort_heaps(d_q, i_q)
     return sims, idxs
+
+
+def _top_k_self(X: NDArray, k: int, block: int = 2048) -> tuple[NDArray, NDArray]:
+    """:func:`_top_k` of the rows of ``X`` (N, D) among themselves (each row's own entry included), computing
+    each pair of ``block``-row blocks' product once: tile (i, j) feeds the heaps of block i's rows and, as
+    its transpose, those of block j's, so the matrix products cost about half of ``_top_k(X, X, k)``'s."""
+    X = as_float32(X)
+    n = len(X)
+    k = min(k, n)
+    sims = np.empty((n, k), np.float32)
+    idxs = np.empty((n, k), np.int64)
+    heaps = _heaps(sims, idxs)
+    for i in range(0, n, block):
+        xi = X[i:i + block]
+        for j in range(i, n, block):
+            S = np.ascontiguousarray(xi @ X[j:j + block].T, dtype=np.float32)
+            _push(heaps, S, i, j)
+            if j > i:
+                _push(heaps, _transpose(S), j, i)
+    _sort_heaps(sims, idxs)
+    return sims, idxs
+
+
+def _transpose(S: NDArray[np.float32], rows: int = 32) -> NDArray[np.float32]:
+    """``S.T`` as a C-contiguous copy, ``rows`` source rows at a time (2048 x 2048: 6 ms, against 30 ms for
+    ``np.ascontiguousarray(S.T)``, which walks the source column by column)."""
+    T = np.empty((S.shape[1], S.shape[0]), S.dtype)
+    for a in range(0, len(S), rows):
+        T[:, a:a + rows] = S[a:a + rows].T
+    return T
+
+
+def _heaps(sims: NDArray[np.float32], idxs: NDArray[np.int64]):
+    """faiss min-heaps, one per row of ``sims`` / ``idxs`` (M, k) (their storage), filled with -inf / -1.
+
+    A min-heap per row keeps the k largest; filled with -inf (equal entries: already a heap) and sorted by
+    numpy at the end (:func:`_sort_heaps`), so faiss opens no OpenMP region (heapify / reorder would): its
+    threads' spin-waits stalled numpy's BLAS threads between tiles (4.7x slower at 50k x 282 on 2 cores).
+    """
+    import faiss
+
+    sims.fill(-np.inf)
+    idxs.fill(-1)
+    heaps = faiss.float_minheap_array_t()
+    heaps.k, heaps.nh = sims.shape[1], sims.shape[0]
+    heaps.val, heaps.ids = faiss.swig_ptr(sims), faiss.swig_ptr(idxs)
+    return heaps
+
+
+def _push(heaps, S: NDArray[np.float32], row0: int, col0: int) -> None:
+    """Push the similarity tile ``S`` (heap rows ``row0 + i``, ids ``col0 + j``) into ``heaps``, at most
+    100,000 entries a call (faiss's serial branch of ``addn``)."""
+    import faiss
+
+    step = max(1, 100_000 // S.shape[1])
+    for r in range(0, len(S), step):
+        rows = S[r:r + step]
+        heaps.addn(S.shape[1], faiss.swig_ptr(rows), col0, row0 + r, len(rows))
+
+
+def _sort_heaps(sims: NDArray[np.float32], idxs: NDArray[np.int64]) -> None:
+    """Sort every row of the heaps' storage, largest first."""
+    order = np.argsort(-sims, axis=1, kind="stable")
+    sims[:] = np.take_along_axis(sims, order, axis=1)
+    idxs[:] = np.take_along_axis(idxs, order, axis=1)
 
 
 def ivf_knn_graph(X: NDArray, k: int, nlist: int | None = None, nprobe: int | None = None,

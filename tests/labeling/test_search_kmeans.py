@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ssl_pipeline.labeling.clustering import lloyd_kmeans
-from ssl_pipeline.labeling.knn import _top_k, exact_search, knn_graph
+from ssl_pipeline.labeling.knn import _top_k, _top_k_self, _transpose, exact_search, knn_graph
 
 
 def _unit(rng, n, d):
@@ -24,6 +24,20 @@ def test_top_k_matches_a_full_sort(blocks):
     np.testing.assert_array_equal(pos, want)
     np.testing.assert_allclose(sim, np.take_along_axis(full, want, axis=1), rtol=1e-5)
     assert (np.diff(sim, axis=1) <= 0).all()
+
+
+@pytest.mark.parametrize("block", [2048, 16, 7])  # one block; blocks of unequal size (the last shorter); many
+def test_self_search_matches_the_one_sided_search(block):
+    # each off-diagonal tile's product serves both blocks (its transpose feeds the second)
+    rng = np.random.default_rng(3)
+    X = _unit(rng, 61, 16)
+    sim, pos = _top_k_self(X, 5, block=block)
+    want_sim, want_pos = _top_k(X, X, 5)
+    np.testing.assert_array_equal(pos, want_pos)
+    np.testing.assert_allclose(sim, want_sim, rtol=1e-5)
+    assert exact_search(X, X, 5)[1].tolist() == want_pos.tolist()  # the self-search path of exact_search
+    S = rng.standard_normal((70, 45)).astype(np.float32)
+    assert np.array_equal(_transpose(S, rows=32), S.T) and _transpose(S).flags.c_contiguous
 
 
 def test_top_k_caps_k_at_the_index_size_and_reads_float16():
