@@ -402,3 +402,34 @@ def test_unreached_rows_go_to_the_other_experts_or_the_clusters():
     alone = HDL(k=5, lin_weight=0.0).fit(X, ym, neighbors=g)
     assert alone.n_clusters_ >= 2  # the propagation alone: the k-means opinion labels the satellite
     assert (alone.labels_[240:] == 0).mean() >= 0.9
+
+
+def test_balance_by_modularity_follows_the_graph_communities():
+    from ssl_pipeline.labeling.hdl import _balance_keeps_modularity
+
+    rng = np.random.default_rng(0)
+
+    # two communities of a kNN graph: every row links to 5 random rows of its own block
+    def graph(sizes):
+        starts = np.cumsum([0] + sizes[:-1])
+        idx = np.concatenate([s + rng.integers(0, n, (n, 5)) for s, n in zip(starts, sizes)])
+        return idx.astype(np.int64), np.repeat(np.arange(len(sizes)), sizes)
+
+    idx, truth = graph([50, 50])
+    P = np.full((100, 2), 0.5, np.float32)
+    P[:, 0] += 0.1  # everything leans to class 0: half of community 1 would be taken by class 0
+    P[50:, 1] += 0.05 * rng.uniform(0.5, 1.5, 50)
+    lab_rows, lab_pos = np.array([0, 50]), np.array([0, 1])
+    unl = np.setdiff1d(np.arange(100), lab_rows)
+    assert _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)  # balancing restores community 1
+    # truly unequal communities (90 / 10), predicted right: balancing would cut community 0
+    idx, truth = graph([90, 10])
+    P = np.zeros((100, 2), np.float32)
+    P[:90, 1] = rng.uniform(0.05, 0.45, 90)  # community 0: class 0, some rows less surely than others
+    P[90:, 1] = 0.8
+    P[:, 0] = 1.0 - P[:, 1]
+    lab_rows, lab_pos = np.array([0, 90]), np.array([0, 1])
+    unl = np.setdiff1d(np.arange(100), lab_rows)
+    assert not _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)
+    P[:, 0], P[:, 1] = 0.6, 0.4  # balancing changes nothing it can be judged by
+    assert not _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)
