@@ -200,15 +200,20 @@ def _looks_balanced(pred: NDArray[np.int64], n_classes: int) -> bool:
     return bool(np.median(np.abs(np.log(r))) <= 2.0 * 0.674 / np.sqrt(mean))
 
 
-def _sinkhorn_scales(Q: NDArray[np.float32], n_iter: int = 30) -> NDArray[np.float64]:
+def _sinkhorn_scales(Q: NDArray[np.float32], n_iter: int = 30, tol: float = 1e-3) -> NDArray[np.float32]:
     """Column scales ``v`` (C,) of the Sinkhorn balancing of ``Q`` (M, C): ``Q * v``, rows renormalised, gives
-    every class the mass ``M / C`` (matrix-vector products only: no copy of ``Q``)."""
+    every class the mass ``M / C`` (float32 matrix-vector products only: no copy of ``Q``); stops once every
+    class's mass is within ``tol`` of it."""
     m, c = Q.shape
-    v = np.ones(c)
+    target = np.float32(m / c)
+    v = np.ones(c, np.float32)
     for _ in range(n_iter):
         u = 1.0 / np.maximum(Q @ v, 1e-30)
-        v = (m / c) / np.maximum(Q.T @ u, 1e-30)
-    return v
+        mass = v * (Q.T @ u)  # each class's mass with these row scales
+        if np.abs(mass / target - 1.0).max() <= tol:
+            break
+        v = v * (target / np.maximum(mass, 1e-30))
+    return v.astype(np.float32)
 
 
 def _balance_keeps_modularity(P: NDArray[np.float32], unl_rows: NDArray[np.int64], lab_rows: NDArray[np.int64],

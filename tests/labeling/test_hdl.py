@@ -431,5 +431,9 @@ def test_balance_by_modularity_follows_the_graph_communities():
     lab_rows, lab_pos = np.array([0, 90]), np.array([0, 1])
     unl = np.setdiff1d(np.arange(100), lab_rows)
     assert not _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)
-    P[:, 0], P[:, 1] = 0.6, 0.4  # balancing changes nothing it can be judged by
+    # already balanced and right: balancing changes no label, which is no evidence either way
+    idx, truth = graph([50, 50])
+    P = np.where(truth[:, None] == np.arange(2), 0.8, 0.2).astype(np.float32)
+    lab_rows = np.array([0, 50])
+    unl = np.setdiff1d(np.arange(100), lab_rows)
     assert not _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)
