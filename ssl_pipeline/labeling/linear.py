@@ -178,8 +178,12 @@ def _principal_axes(X: NDArray[np.float32], r: int | None, seed: int, max_rows: 
     rows = np.sort(rng.choice(len(X), min(len(X), max_rows), replace=False))
     sample = _project(X, mean, None, rows=rows)
     sample -= sample.mean(axis=0)
-    # the (D, D) scatter in float32 (unit rows: no loss that matters, half the time of float64), eigh in float64
-    _, vecs = np.linalg.eigh((sample.T @ sample).astype(np.float64))
+    # the (D, D) scatter and its eigenvectors in float32 (divide and conquer, LAPACK syevd): the axes only save
+    # time, so their last digits do not matter (the top 256 of 512 span the float64 ones' subspace to 1e-7), and
+    # this is 4x faster than numpy's float64 eigh
+    from scipy.linalg import eigh
+
+    _, vecs = eigh(sample.T @ sample, driver="evd")
     return np.ascontiguousarray(vecs[:, ::-1][:, :r], dtype=np.float32)
 
 

@@ -23,13 +23,16 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_pipeline import report as views_lib
 from ssl_pipeline.artifacts import atomic_write_bytes, atomic_write_text
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.stages.base import Context, Stage, StageResult, write_run_files
+
+if TYPE_CHECKING:
+    from ssl_pipeline import report as views_lib
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ def html_table(rows: list[dict]) -> str:
 
 def write_report(run: views_lib.RunArtifacts, run_dir: str | Path, opts: dict | None = None) -> dict:
     """Draw every applicable view of ``run``; write ``report/*.png`` and ``report.html`` under ``run_dir``."""
+    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+
     t0 = time.perf_counter()
     opts = {**DEFAULTS, **(opts or {})}
     run_dir = Path(run_dir)
@@ -132,6 +137,8 @@ def write_report(run: views_lib.RunArtifacts, run_dir: str | Path, opts: dict | 
 
 def _page(run: views_lib.RunArtifacts, run_dir: Path, sections: list[tuple[str, str]], skipped: list, failed: list,
           seconds: float) -> str:
+    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+
     esc = html.escape
     data = ""
     if run.cfg is not None:
@@ -165,6 +172,8 @@ def run(cfg: DictConfig, table: SampleTable, run_dir: Path, artifacts: dict, met
     ``metrics`` are the run's metrics so far (``metrics.json`` in ``run_dir`` is
     read when they are not given).
     """
+    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+
     run_dir = Path(run_dir)
     if metrics is None:
         metrics = views_lib.read_json(run_dir / "metrics.json")
@@ -182,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ssl_pipeline.stages.report RUN_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+
     art = views_lib.load_run(argv[0])
     m = write_report(art, argv[0], options(art.cfg))
     print(f"{m['report/n_figures']} figures -> {Path(argv[0]) / 'report.html'} ({m['report/seconds']}s)")
