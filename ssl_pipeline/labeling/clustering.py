@@ -154,8 +154,10 @@ def choose_n_clusters(X: NDArray, candidates: list[int] | None = None, max_sampl
     for k in candidates:
         if k < 2 or k >= len(S):
             continue
-        # numpy's BLAS, not faiss's k-means: the OpenBLAS in faiss's wheels runs generic kernels on recent
-        # CPUs (knn._top_k), 1.2 of the 2.0 s of a 4k-row cluster stage went to this scan
+        # numpy's BLAS, not faiss's k-means: faiss opens OpenMP regions whose threads spin-wait, and on a busy
+        # 2-core machine this scan took 1.2 of a 4k-row cluster stage's 2.0 s that way (on an idle one the two
+        # are level: 0.27 vs 0.33 s); the OpenBLAS in faiss's wheels also runs generic kernels on CPUs it does
+        # not recognise (knn._top_k)
         centroids, a_s = lloyd_kmeans(S, k, n_iter=n_iter, seed=seed, max_points_per_centroid=len(S), spherical=True)
         if graph_idx is not None:
             labels = np.full(n, -1, np.int64)
