@@ -66,22 +66,11 @@ Rules (every constant is generic; nothing is chosen per data set)
    mass per class the same way; the class prior enters through its EM prior). Measured at 1 label per
    class: cifar10_test500 0.733 -> 0.748, oxford_flowers 0.836 -> 0.850, caltech101 0.851 -> 0.855; at
    8 labels per class the same weighting cost caltech101 1 point, so it is not used with two labels.
-   **Class balance from the pool's own sizes.** After each tier's product of experts, if the predicted
-   class sizes of the unlabeled rows are as even as balanced classes would be (median
-   ``|log(size / (M / C))|`` within twice the ``0.674 / sqrt(M / C)`` that Poisson sampling noise alone gives),
-   the classes are taken to be balanced and, from that tier on, every tier's posterior is Sinkhorn-balanced
-   over the unlabeled rows (each class the same mass, as in PT-MAP), ``balanced_ = True``. A class whose only
-   label sits in another class's region then cannot lose its rows to it (food10, 1 label per class, seed 2:
-   0.855 -> 0.923). Not with text (``balance="auto"``): the class-name prior anchors every class already.
-   Long-tailed sizes (caltech101, oxford_flowers) do not pass the test; forcing balance there costs
-   6-20 points. The sizes alone miss balanced classes when the labels are few and the predictions noisy
-   (oxford_pets at 2 labels per class: its predicted sizes are as uneven as oxford_flowers'), so the
-   classes are also taken to be balanced when **balancing keeps the graph's communities**: the
-   Sinkhorn-balanced labeling is at least as modular on the ``k_``-NN graph (Newman modularity) as the
-   unbalanced one, i.e. balancing moves rows within the graph's own structure, not across it. On the
-   long-tailed sets balancing lowers the modularity in every cell (caltech101 by 3.5-7.5 points of
-   modularity, x 100), so the rule stays off there; it adds cifar10_test500 at 1 label per class
-   (0.761 -> 0.797 over seeds 0-2) and at 4 (0.872 -> 0.882).
+   **Class balance** (:mod:`ssl_pipeline.labeling.balance`, ``balance="auto"``, no text): from the first tier
+   whose predicted class sizes are as even as Poisson noise allows, or whose Sinkhorn-balanced labeling is at
+   least as modular on the kNN graph as the unbalanced one, every tier's posterior is Sinkhorn-balanced over
+   the unlabeled rows (``balanced_``), so a class whose only label sits in another class's region cannot lose
+   its rows to it; long-tailed classes pass neither test.
 4. **Hierarchical, class-balanced tiers.** After tier ``t`` (of ``n_tiers``) the
    pool is rebuilt from the given labels plus, for every class, the top
    ``t / n_tiers`` fraction of the unlabeled rows now predicted as that class,
@@ -94,20 +83,9 @@ Rules (every constant is generic; nothing is chosen per data set)
    refitted experts (propagation is the neighbourhood's vote) now contradict
    is revised, or evicted from the pool, instead of staying an anchor.
    ``tier_`` is the tier from which a row stayed in the pool to the end.
-   **Validated tiers.** Every tier's propagation is scored leave-one-out on the labeled rows of rule 2
-   (each row's own seed taken out through its self-influence ``((I - alpha S)^-1)_ii``, known from rule 2's
-   solves). A tier that gets them wrong more often than tier 1, by a paired sign test at two standard
-   errors, is undone and the tiers stop (``n_tiers_``). Tier 1 is the reference because its pool holds
-   the given labels only: from tier 2 on the score is biased upwards (the pseudo labels a labeled row's
-   neighbours received because of that row stay in the pool when it is left out), by a leak that shrinks
-   as the pool grows, so on real CLIP sets every later tier scores above tier 1 but below tier 2; judged
-   against the best earlier tier they were undone where they helped (oxford_pets, 8 labels per class,
-   seed 0: stopped at tier 3, 0.816 against 0.846 with every tier). Falling below tier 1 despite that
-   bias is what a collapse looks like: two noisy concentric rings (``tests/labeling/test_hdl.py``),
-   leave-one-out 0.93 at tier 1, 0.70 at tier 3, where unchecked tiers end at 0.61 and the check keeps
-   tier 2 (0.99). The same check catches pools that cover the data unevenly: with multi-modal classes
-   the most confident rows of a class can all sit in the modes its labels cover best, and propagating
-   from such a pool lets neighbouring classes take over the other modes.
+   **Validated tiers** (:func:`ssl_pipeline.labeling.propagation._tier_loo_correct`): every tier's
+   propagation is scored leave-one-out on the labeled rows of rule 2; a tier that gets them wrong more often
+   than tier 1, by a paired sign test at two standard errors, is undone and the tiers stop (``n_tiers_``).
 6. **Second opinion.** k-means (faiss, on the top 64 principal axes) with the
    number of clusters chosen automatically among 1, 2 and 4 times the number
    of classes (at least 5 rows per cluster) by normalised mutual information
@@ -146,18 +124,20 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
+from ssl_pipeline.labeling.admission import _nearest_labeled, _seed_groups, admitted  # noqa: F401
+from ssl_pipeline.labeling.balance import _balance_keeps_modularity, _looks_balanced, _sinkhorn, classes_balanced  # noqa: F401
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
 from ssl_pipeline.labeling.baselines import NaiveTieredVote  # noqa: F401  (re-exported: its old home)
 from ssl_pipeline.labeling.calibration import match_temperature, power_rows
-from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32, exact_search
+from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32
 from ssl_pipeline.labeling.linear import (
     _centre,
-    _fit_softmax,
+    _fit_pool,
     _LinearFeatures,
     _principal_axes,
-    _rank_within_class,
     _softmax_proba,
 )
+from ssl_pipeline.labeling.noise import neighbourhood_checks
 from ssl_pipeline.labeling.propagation import (  # noqa: F401
     _affinity,
     _balanced_posterior,
@@ -166,95 +146,12 @@ from ssl_pipeline.labeling.propagation import (  # noqa: F401
     _locality_order,
     _neighbour_graph,
     _tier_loo_correct,
+    _worse_than,
 )
 from ssl_pipeline.labeling.selection import _Choices
 from ssl_pipeline.labeling.text import check_text, text_posterior
 
 log = logging.getLogger(__name__)
-
-
-def _sinkhorn(P: NDArray[np.float32], rows: NDArray[np.int64], n_iter: int = 30) -> None:
-    """Balance the posteriors (N, C) of ``rows`` in place: every class the same total mass over ``rows``,
-    every row summing to 1 (Sinkhorn-Knopp scaling)."""
-    Q = P[rows]
-    target = len(rows) / Q.shape[1]
-    for _ in range(n_iter):
-        Q *= (target / np.maximum(Q.sum(axis=0), 1e-30))[None, :]
-        Q /= np.maximum(Q.sum(axis=1, keepdims=True), 1e-30)
-    P[rows] = Q
-
-
-def _looks_balanced(pred: NDArray[np.int64], n_classes: int) -> bool:
-    """Whether the predicted class sizes of ``pred`` (M,) are as even as balanced classes' would be.
-
-    If every class held ``M / C`` rows, sampling noise alone spreads the log class sizes by about
-    ``1 / sqrt(M / C)`` (Poisson counts), a median ``|log(size / (M / C))|`` of ``0.674 / sqrt(M / C)``.
-    The sizes look balanced when their median deviation is within twice that: most classes are then as even
-    as chance allows, and a class far off the others is a collapse (its seed in another class's region) or
-    a merge, not a genuinely small or large class.
-    """
-    if len(pred) == 0 or n_classes < 2:
-        return False
-    mean = len(pred) / n_classes
-    r = np.maximum(np.bincount(pred, minlength=n_classes), 0.5) / mean
-    return bool(np.median(np.abs(np.log(r))) <= 2.0 * 0.674 / np.sqrt(mean))
-
-
-def _sinkhorn_scales(Q: NDArray[np.float32], n_iter: int = 30, tol: float = 1e-3) -> NDArray[np.float32]:
-    """Column scales ``v`` (C,) of the Sinkhorn balancing of ``Q`` (M, C): ``Q * v``, rows renormalised, gives
-    every class the mass ``M / C`` (float32 matrix-vector products only: no copy of ``Q``); stops once every
-    class's mass is within ``tol`` of it."""
-    m, c = Q.shape
-    target = np.float32(m / c)
-    v = np.ones(c, np.float32)
-    for _ in range(n_iter):
-        u = 1.0 / np.maximum(Q @ v, 1e-30)
-        mass = v * (Q.T @ u)  # each class's mass with these row scales
-        if np.abs(mass / target - 1.0).max() <= tol:
-            break
-        v = v * (target / np.maximum(mass, 1e-30))
-    return v.astype(np.float32)
-
-
-def _balance_keeps_modularity(P: NDArray[np.float32], unl_rows: NDArray[np.int64], lab_rows: NDArray[np.int64],
-                              lab_pos: NDArray[np.int64], idx: NDArray[np.int64], batch: int = 65536) -> bool:
-    """Whether the Sinkhorn-balanced labeling of the posteriors ``P`` (N, C) over ``unl_rows`` is at least as
-    modular on the kNN graph ``idx`` (N, k) as the unbalanced one (argmax of ``P``; labeled rows keep their
-    labels): balancing then moves rows along the graph's own communities, not across them. False when
-    balancing changes no label (no evidence either way)."""
-    from ssl_pipeline.labeling.clustering import graph_modularity
-
-    if len(unl_rows) == 0:
-        return False
-    pred = np.argmax(P, axis=1)
-    pred[lab_rows] = lab_pos
-    v = _sinkhorn_scales(P[unl_rows])
-    bal = pred.copy()
-    for s in range(0, len(unl_rows), batch):
-        r = unl_rows[s:s + batch]
-        bal[r] = np.argmax(P[r] * v, axis=1)
-    if (bal == pred).all():
-        return False
-    return graph_modularity(idx, bal) >= graph_modularity(idx, pred)
-
-
-def _nearest_labeled(X: NDArray, lab_rows: NDArray[np.int64], unl_rows: NDArray[np.int64], k: int = 10
-                     ) -> NDArray[np.int64]:
-    """Positions in ``lab_rows`` of the ``k`` labeled rows nearest to each unlabeled row: (len(unl_rows), k).
-
-    One exact search of all rows (read in batches, float16 memory maps included) against the labeled rows.
-    """
-    _, nn = exact_search(as_unit_float32(X[lab_rows]), X, min(k, len(lab_rows)))
-    return nn[unl_rows]
-
-
-def _seed_groups(cls: NDArray[np.int64], lab_pos: NDArray[np.int64], seed_nn: NDArray[np.int64]
-                 ) -> NDArray[np.int64]:
-    """Admission group of each unlabeled row: its nearest labeled row of its predicted class ``cls`` (a
-    position in the labeled rows), or ``n_labeled + cls`` when none of its ``seed_nn`` has that class."""
-    hit = lab_pos[seed_nn] == cls[:, None]
-    first = seed_nn[np.arange(len(cls)), hit.argmax(axis=1)]
-    return np.where(hit.any(axis=1), first, len(lab_pos) + cls)
 
 
 # ---------------------------------------------------------------- the estimator
@@ -470,12 +367,8 @@ class HDL(_Choices, BaseLabeler):
                 # undone, tiers stop
                 ok_t = _tier_loo_correct(Z, lab_rows[evaluated], lab_pos[evaluated], self_infl, seed_w[evaluated])
                 self.tier_loo_accuracy_.append(float(ok_t.mean()))
-                worse = False
-                if ok_first is None:
-                    ok_first = ok_t
-                else:
-                    lost, won = int((ok_first & ~ok_t).sum()), int((~ok_first & ok_t).sum())
-                    worse = lost - won > 2.0 * np.sqrt(lost + won)
+                ok_first = ok_t if ok_first is None else ok_first
+                worse = _worse_than(ok_first, ok_t)
                 if prev is not None and worse:
                     log.info("HDL: tier %d lowers the leave-one-out accuracy on the labeled rows below tier 1's "
                              "(%.3f < %.3f): keeping tier %d", t, ok_t.mean(), ok_first.mean(), t - 1)
@@ -483,9 +376,8 @@ class HDL(_Choices, BaseLabeler):
                     P /= P.sum(axis=1, keepdims=True)
                     self.n_tiers_ = t - 1
                     if theta is None:
-                        fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
-                        theta = _fit_softmax(Xl.take(pool_rows[fit_rows]), pool_pos[fit_rows], pool_w[fit_rows],
-                                             n_classes, self.C, None, self.lr_max_iter)
+                        theta = _fit_pool(Xl, pool_rows, pool_pos, pool_w, n_classes, self.C, None,
+                                          self.max_fit_per_class, self.lr_max_iter)
                     break
             prev = None
             P_prop, self.class_prior_ = _balanced_posterior(Z, self.n_prior_iter)
@@ -501,14 +393,10 @@ class HDL(_Choices, BaseLabeler):
             # (b) linear expert from the current pool (capped per class, most confident first)
             # (skipped but for the last tier, which serves predict_proba, when its weight is 0)
             if self.lin_weight_ > 0 or t == self.n_tiers:
-                fit_rows = np.flatnonzero(_rank_within_class(pool_pos, pool_w) < self.max_fit_per_class)
-                fw = pool_w[fit_rows]
-                if evaluated is None and t > 1 and not self.balanced_ and P_text is None:
-                    # one label per class: every class the same total weight in the linear fit (rule 3)
-                    cm = np.bincount(pool_pos[fit_rows], weights=fw, minlength=n_classes)
-                    fw = (fw * (cm[cm > 0].mean() / np.maximum(cm[pool_pos[fit_rows]], 1e-30))).astype(np.float32)
-                theta = _fit_softmax(Xl.take(pool_rows[fit_rows]), pool_pos[fit_rows], fw, n_classes,
-                                     self.C, theta, self.lr_max_iter if theta is None else self.lr_warm_iter)
+                # one label per class (no text, not balanced): every class the same total weight (rule 3)
+                theta = _fit_pool(Xl, pool_rows, pool_pos, pool_w, n_classes, self.C, theta, self.max_fit_per_class,
+                                  self.lr_max_iter if theta is None else self.lr_warm_iter,
+                                  equal_classes=evaluated is None and t > 1 and not self.balanced_ and P_text is None)
             # product of experts, in place: P ~ Pprop ** prop_weight * Plin ** lin_weight * Ptext ** text_weight
             P = P_prop
             P += 1e-12
@@ -542,13 +430,9 @@ class HDL(_Choices, BaseLabeler):
                 # and forced balance cost cifar10_test500 (classes of 40-57 rows) 2-3 points: "auto" is off.
                 # Tested again after every tier until it passes: the sizes of later, better labelings are
                 # better evidence (cifar10_test500, 1 label per class: 0.747 -> 0.764 over seeds 0-2)
-                self.balanced_ = (self.balance is True or (self.balance == "auto" and len(unl_rows) > 0
-                                                           and P_text is None
-                                                           and (_looks_balanced(np.argmax(P[unl_rows], axis=1),
-                                                                                n_classes)
-                                                                or (_balance_keeps_modularity(
-                                                                    P, unl_rows, lab_rows, lab_pos,
-                                                                    g.idx[:, :self.k_])))))
+                self.balanced_ = self.balance is True or (
+                    self.balance == "auto" and P_text is None
+                    and classes_balanced(P, unl_rows, lab_rows, lab_pos, g.idx[:, :self.k_]))
             if self.balanced_:
                 _sinkhorn(P, unl_rows)
             pred = np.argmax(P, axis=1)
@@ -569,15 +453,9 @@ class HDL(_Choices, BaseLabeler):
             # (c) next pool: given labels + the top t/T of every class's predicted members
             # admission groups: the predicted class, or (admission="seed") the class within the basin of its
             # nearest labeled row, so a class's pool covers each of its labeled modes, not only its best-covered
-            cls_u = pred[unl_rows]
-            if self.admission == "seed":
-                if seed_nn is None:
-                    seed_nn = _nearest_labeled(X, lab_rows, unl_rows)
-                cls_u = _seed_groups(cls_u, lab_pos, seed_nn)
-            rank = _rank_within_class(cls_u, score[unl_rows])
-            count = np.bincount(cls_u)
-            quota = np.ceil(count * t / self.n_tiers).astype(np.int64)
-            adm = unl_rows[rank < quota[cls_u]]
+            if self.admission == "seed" and seed_nn is None:
+                seed_nn = _nearest_labeled(X, lab_rows, unl_rows)
+            adm = admitted(pred[unl_rows], score[unl_rows], unl_rows, t / self.n_tiers, lab_pos, seed_nn)
             newly = np.zeros(n, bool)
             newly[adm] = True
             since = np.where(newly & ~in_pool, t, np.where(newly, since, 0))
@@ -604,33 +482,9 @@ class HDL(_Choices, BaseLabeler):
         del Z
         self.coef_ = theta[: d * n_classes].reshape(d, n_classes).astype(np.float32)
         self.intercept_ = theta[d * n_classes:].astype(np.float32)
-        self._neighbourhood_checks(g)
+        self.agreement_, self.noise_, same_all = neighbourhood_checks(g, self.k_, self.classes_, self.labels_)
+        self.delta_k_ = float(self.k_scores_[self.k_]) if self.k_scores_ else 1.0 - same_all
         return self
-
-    def _neighbourhood_checks(self, g: KNNGraph) -> None:
-        """agreement_, noise_ and delta_k_ from the final labels and the ``k_``-neighbourhoods."""
-        idx = g.idx[:, : self.k_]
-        valid = idx >= 0
-        w = np.where(valid, np.maximum(np.nan_to_num(g.sim[:, : self.k_], neginf=0.0), 0.0), 0.0)
-        w = np.where(valid & (w <= 0), 1e-6, w)
-        pos = np.searchsorted(self.classes_, self.labels_)
-        nb = np.where(valid, pos[np.where(valid, idx, 0)], -1)
-        same = nb == pos[:, None]
-        tot = w.sum(axis=1)
-        self.agreement_ = np.where(tot > 0, (w * same).sum(axis=1) / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
-        # weighted majority of the neighbours' labels: each neighbour's class scored by the weight of the
-        # neighbours sharing it (O(N k^2), no N x C array); ties go to the class of the nearest neighbour
-        wv = np.where(valid, w, 0.0).astype(np.float32)
-        score = np.zeros(nb.shape, np.float32)
-        for j in range(nb.shape[1]):
-            score += wv[:, j:j + 1] * (nb == nb[:, j:j + 1])
-        score[~valid] = -1.0
-        majority = nb[np.arange(len(pos)), np.argmax(score, axis=1)]
-        self.noise_ = (tot > 0) & (majority != pos) & (self.agreement_ < 0.5)
-        if not self.k_scores_:
-            self.delta_k_ = float(np.mean(~(same | ~valid).all(axis=1)))
-        else:
-            self.delta_k_ = float(self.k_scores_[self.k_])
 
     # ------------------------------------------------------------ inductive use
     def predict_proba(self, X: NDArray) -> NDArray[np.float32]:

@@ -43,6 +43,19 @@ def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_cla
     return _lbfgs(loss_grad, np.asarray(theta, np.float64), max_iter)
 
 
+def _fit_pool(Xl: _LinearFeatures, rows: NDArray[np.int64], pos: NDArray[np.int64], w: NDArray, n_classes: int,
+              C: float, theta0: NDArray | None, max_per_class: int, max_iter: int, equal_classes: bool = False
+              ) -> NDArray[np.float64]:
+    """:func:`_fit_softmax` on the pool ``rows`` (labels ``pos``, weights ``w``), at most ``max_per_class`` rows a
+    class (the highest weights); ``equal_classes``: rescale the weights so every class has the same total."""
+    fit = np.flatnonzero(_rank_within_class(pos, w) < max_per_class)
+    fw = w[fit]
+    if equal_classes:
+        cm = np.bincount(pos[fit], weights=fw, minlength=n_classes)
+        fw = (fw * (cm[cm > 0].mean() / np.maximum(cm[pos[fit]], 1e-30))).astype(np.float32)
+    return _fit_softmax(Xl.take(rows[fit]), pos[fit], fw, n_classes, C, theta0, max_iter)
+
+
 def _lbfgs(fun, x: NDArray[np.float64], max_iter: int, m: int = 10, gtol: float = 1e-5, ftol: float = 2.2e-9
            ) -> NDArray[np.float64]:
     """Unconstrained L-BFGS (Nocedal & Wright, algorithm 7.4) with an Armijo backtracking line search.

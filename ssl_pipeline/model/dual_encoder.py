@@ -120,7 +120,7 @@ def export_dual_encoder(ctx, metrics: dict, stage_dir: Path) -> Path | None:
     from ssl_pipeline.model.export import _rank
     from ssl_pipeline.model.multilabel import student_export, write_multilabel_folder
     from ssl_pipeline.multilabel.features import features_of
-    from ssl_pipeline.multilabel.recipe import encode_image_size, load_student
+    from ssl_pipeline.multilabel.model_folder import encode_image_size, load_student
     from ssl_pipeline.multilabel.settings import settings
     from ssl_pipeline.multilabel.thresholds import class_aware_pseudolabels, class_frequencies
     from ssl_pipeline.multilabel.unidec import DualEncoder, loss_settings

@@ -236,7 +236,7 @@ class Pseudolabel(CachedStage):
 
     def export(self, ctx: Context, result: StageResult) -> None:
         if ctx.table.multilabel:
-            from ssl_pipeline.multilabel.recipe import export_pseudolabels
+            from ssl_pipeline.multilabel.exports import export_pseudolabels
 
             export_pseudolabels(ctx.table, result.path, ctx.run_dir)
         else:

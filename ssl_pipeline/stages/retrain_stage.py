@@ -49,7 +49,7 @@ class Retrain(Stage):
             with ctx.cache.stage("retrain", key, ctx.forced("retrain")) as st:
                 if not st.reused:
                     st.metrics = build_retrain(ctx, st.dir)
-            from ssl_pipeline.multilabel.recipe import export_model_folder
+            from ssl_pipeline.multilabel.model_folder import export_model_folder
 
             export_model_folder(ctx, st.metrics, st.path)  # <run dir>/model/, also when the artifact is reused
             return StageResult(st.path, st.metrics, key)
