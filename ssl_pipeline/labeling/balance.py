@@ -50,16 +50,19 @@ def _looks_balanced(pred: NDArray[np.int64], n_classes: int) -> bool:
     return bool(np.median(np.abs(np.log(r))) <= 2.0 * 0.674 / np.sqrt(mean))
 
 
-def _sinkhorn_scales(Q: NDArray[np.float32], n_iter: int = 30, tol: float = 1e-3) -> NDArray[np.float32]:
-    """Column scales ``v`` (C,) of the Sinkhorn balancing of ``Q`` (M, C): ``Q * v``, rows renormalised, gives
-    every class the mass ``M / C`` (float32 matrix-vector products only: no copy of ``Q``); stops once every
-    class's mass is within ``tol`` of it."""
-    m, c = Q.shape
-    target = np.float32(m / c)
+def _sinkhorn_scales(P: NDArray[np.float32], rows: NDArray[np.int64], n_iter: int = 30, tol: float = 1e-3
+                     ) -> NDArray[np.float32]:
+    """Column scales ``v`` (C,) of the Sinkhorn balancing of the posteriors ``P`` (N, C) over ``rows`` (M,):
+    ``P[rows] * v``, rows renormalised, gives every class the mass ``M / C``. Float32 matrix-vector products
+    over all of ``P`` (the other rows' scales are 0), so no copy of ``P[rows]`` is made; stops once every class's
+    mass is within ``tol`` of it."""
+    c = P.shape[1]
+    target = np.float32(len(rows) / c)
     v = np.ones(c, np.float32)
+    u = np.zeros(len(P), np.float32)
     for _ in range(n_iter):
-        u = 1.0 / np.maximum(Q @ v, 1e-30)
-        mass = v * (Q.T @ u)  # each class's mass with these row scales
+        u[rows] = 1.0 / np.maximum((P @ v)[rows], 1e-30)
+        mass = v * (P.T @ u)  # each class's mass with these row scales
         if np.abs(mass / target - 1.0).max() <= tol:
             break
         v = v * (target / np.maximum(mass, 1e-30))
@@ -78,7 +81,7 @@ def _balance_keeps_modularity(P: NDArray[np.float32], unl_rows: NDArray[np.int64
         return False
     pred = np.argmax(P, axis=1)
     pred[lab_rows] = lab_pos
-    v = _sinkhorn_scales(P[unl_rows])
+    v = _sinkhorn_scales(P, unl_rows)
     bal = pred.copy()
     for s in range(0, len(unl_rows), batch):
         r = unl_rows[s:s + batch]
