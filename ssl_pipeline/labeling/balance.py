@@ -23,15 +23,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 
-def _sinkhorn(P: NDArray[np.float32], rows: NDArray[np.int64], n_iter: int = 30) -> None:
+def _sinkhorn(P: NDArray[np.float32], rows: NDArray[np.int64], n_iter: int = 30, batch: int = 65536) -> None:
     """Balance the posteriors (N, C) of ``rows`` in place: every class the same total mass over ``rows``,
-    every row summing to 1 (Sinkhorn-Knopp scaling)."""
-    Q = P[rows]
-    target = len(rows) / Q.shape[1]
-    for _ in range(n_iter):
-        Q *= (target / np.maximum(Q.sum(axis=0), 1e-30))[None, :]
+    every row summing to 1 (Sinkhorn-Knopp scaling, ``n_iter`` steps of :func:`_sinkhorn_scales`), applied in
+    batches of rows so no copy of ``P[rows]`` is made."""
+    v = _sinkhorn_scales(P, rows, n_iter=n_iter, tol=0.0)
+    for s in range(0, len(rows), batch):
+        r = rows[s:s + batch]
+        Q = P[r] * v
         Q /= np.maximum(Q.sum(axis=1, keepdims=True), 1e-30)
-    P[rows] = Q
+        P[r] = Q
 
 
 def _looks_balanced(pred: NDArray[np.int64], n_classes: int) -> bool:
@@ -69,18 +70,16 @@ def _sinkhorn_scales(P: NDArray[np.float32], rows: NDArray[np.int64], n_iter: in
     return v.astype(np.float32)
 
 
-def _balance_keeps_modularity(P: NDArray[np.float32], unl_rows: NDArray[np.int64], lab_rows: NDArray[np.int64],
-                              lab_pos: NDArray[np.int64], idx: NDArray[np.int64], batch: int = 65536) -> bool:
+def _balance_keeps_modularity(P: NDArray[np.float32], pred: NDArray[np.int64], unl_rows: NDArray[np.int64],
+                              idx: NDArray[np.int64], batch: int = 65536) -> bool:
     """Whether the Sinkhorn-balanced labeling of the posteriors ``P`` (N, C) over ``unl_rows`` is at least as
-    modular on the kNN graph ``idx`` (N, k) as the unbalanced one (argmax of ``P``; labeled rows keep their
-    labels): balancing then moves rows along the graph's own communities, not across them. False when
-    balancing changes no label (no evidence either way)."""
+    modular on the kNN graph ``idx`` (N, k) as the unbalanced labeling ``pred`` (N,) (the argmax of ``P``, labeled
+    rows with their labels): balancing then moves rows along the graph's own communities, not across them.
+    False when balancing changes no label (no evidence either way)."""
     from ssl_pipeline.labeling.clustering import graph_modularity
 
     if len(unl_rows) == 0:
         return False
-    pred = np.argmax(P, axis=1)
-    pred[lab_rows] = lab_pos
     v = _sinkhorn_scales(P, unl_rows)
     bal = pred.copy()
     for s in range(0, len(unl_rows), batch):
@@ -97,5 +96,7 @@ def classes_balanced(P: NDArray[np.float32], unl_rows: NDArray[np.int64], lab_ro
     are as even as Poisson noise allows, or balancing keeps the communities of the kNN graph ``idx`` (N, k)."""
     if len(unl_rows) == 0:
         return False
-    return (_looks_balanced(np.argmax(P[unl_rows], axis=1), P.shape[1])
-            or _balance_keeps_modularity(P, unl_rows, lab_rows, lab_pos, idx))
+    pred = np.argmax(P, axis=1)
+    pred[lab_rows] = lab_pos
+    return (_looks_balanced(pred[unl_rows], P.shape[1])
+            or _balance_keeps_modularity(P, pred, unl_rows, idx))

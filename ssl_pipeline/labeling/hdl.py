@@ -124,8 +124,8 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
-from ssl_pipeline.labeling.admission import _nearest_labeled, _seed_groups, admitted  # noqa: F401
-from ssl_pipeline.labeling.balance import _balance_keeps_modularity, _looks_balanced, _sinkhorn, classes_balanced  # noqa: F401
+from ssl_pipeline.labeling.admission import _nearest_labeled, admitted
+from ssl_pipeline.labeling.balance import _sinkhorn, classes_balanced
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
 from ssl_pipeline.labeling.baselines import NaiveTieredVote  # noqa: F401  (re-exported: its old home)
 from ssl_pipeline.labeling.calibration import match_temperature, power_rows

@@ -31,7 +31,7 @@ from ssl_pipeline.artifacts import atomic_write_bytes, atomic_write_text
 from ssl_pipeline.data.table import SampleTable
 from ssl_pipeline.stages.base import Context, Stage, StageResult, write_run_files
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the views (matplotlib) are imported where a report is drawn, not at the pipeline's start-up
     from ssl_pipeline import report as views_lib
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def html_table(rows: list[dict]) -> str:
 
 def write_report(run: views_lib.RunArtifacts, run_dir: str | Path, opts: dict | None = None) -> dict:
     """Draw every applicable view of ``run``; write ``report/*.png`` and ``report.html`` under ``run_dir``."""
-    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+    from ssl_pipeline import report as views_lib
 
     t0 = time.perf_counter()
     opts = {**DEFAULTS, **(opts or {})}
@@ -137,7 +137,7 @@ def write_report(run: views_lib.RunArtifacts, run_dir: str | Path, opts: dict | 
 
 def _page(run: views_lib.RunArtifacts, run_dir: Path, sections: list[tuple[str, str]], skipped: list, failed: list,
           seconds: float) -> str:
-    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+    from ssl_pipeline import report as views_lib
 
     esc = html.escape
     data = ""
@@ -172,7 +172,7 @@ def run(cfg: DictConfig, table: SampleTable, run_dir: Path, artifacts: dict, met
     ``metrics`` are the run's metrics so far (``metrics.json`` in ``run_dir`` is
     read when they are not given).
     """
-    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+    from ssl_pipeline import report as views_lib
 
     run_dir = Path(run_dir)
     if metrics is None:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ssl_pipeline.stages.report RUN_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ssl_pipeline import report as views_lib  # matplotlib: imported when a report is drawn, not at start-up
+    from ssl_pipeline import report as views_lib
 
     art = views_lib.load_run(argv[0])
     m = write_report(art, argv[0], options(art.cfg))

@@ -275,7 +275,7 @@ def test_seed_admission_keeps_every_labeled_mode_of_a_class():
 def test_class_balance_is_used_only_when_the_predicted_sizes_look_balanced():
     """The Sinkhorn balancing step is switched on by the class sizes of the first tier: sizes as even as
     sampling noise allows look balanced, long-tailed ones do not (and forcing balance on them is costly)."""
-    from ssl_pipeline.labeling.hdl import _looks_balanced, _sinkhorn
+    from ssl_pipeline.labeling.balance import _looks_balanced, _sinkhorn
 
     rng = np.random.default_rng(0)
     assert _looks_balanced(rng.integers(0, 10, 2500), 10)
@@ -405,9 +405,14 @@ def test_unreached_rows_go_to_the_other_experts_or_the_clusters():
 
 
 def test_balance_by_modularity_follows_the_graph_communities():
-    from ssl_pipeline.labeling.hdl import _balance_keeps_modularity
+    from ssl_pipeline.labeling.balance import _balance_keeps_modularity
 
     rng = np.random.default_rng(0)
+
+    def keeps(P, unl, lab_rows, lab_pos, idx):  # the unbalanced labeling: argmax, labeled rows with their labels
+        pred = np.argmax(P, axis=1)
+        pred[lab_rows] = lab_pos
+        return _balance_keeps_modularity(P, pred, unl, idx)
 
     # two communities of a kNN graph: every row links to 5 random rows of its own block
     def graph(sizes):
@@ -421,7 +426,7 @@ def test_balance_by_modularity_follows_the_graph_communities():
     P[50:, 1] += 0.05 * rng.uniform(0.5, 1.5, 50)
     lab_rows, lab_pos = np.array([0, 50]), np.array([0, 1])
     unl = np.setdiff1d(np.arange(100), lab_rows)
-    assert _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)  # balancing restores community 1
+    assert keeps(P, unl, lab_rows, lab_pos, idx)  # balancing restores community 1
     # truly unequal communities (90 / 10), predicted right: balancing would cut community 0
     idx, truth = graph([90, 10])
     P = np.zeros((100, 2), np.float32)
@@ -430,10 +435,10 @@ def test_balance_by_modularity_follows_the_graph_communities():
     P[:, 0] = 1.0 - P[:, 1]
     lab_rows, lab_pos = np.array([0, 90]), np.array([0, 1])
     unl = np.setdiff1d(np.arange(100), lab_rows)
-    assert not _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)
+    assert not keeps(P, unl, lab_rows, lab_pos, idx)
     # already balanced and right: balancing changes no label, which is no evidence either way
     idx, truth = graph([50, 50])
     P = np.where(truth[:, None] == np.arange(2), 0.8, 0.2).astype(np.float32)
     lab_rows = np.array([0, 50])
     unl = np.setdiff1d(np.arange(100), lab_rows)
-    assert not _balance_keeps_modularity(P, unl, lab_rows, lab_pos, idx)
+    assert not keeps(P, unl, lab_rows, lab_pos, idx)
