@@ -197,7 +197,9 @@ class HDL(_Choices, BaseLabeler):
     cg_iter : int
         Conjugate-gradient iterations of the first propagation (and of the leave-one-out solves of rule 2).
     cg_warm_iter : int
-        Conjugate-gradient iterations of the later tiers' propagations, warm-started from the previous tier's.
+        Conjugate-gradient iterations of the later tiers' propagations, warm-started from the previous tier's
+        (10 against 14: mean accuracy over the five sets x n in 1, 2, 4, 8 x seeds 0-2 the same to 0.01 pts,
+        worst cell -0.5, 4% less time).
     cluster_weight : float
         Exponent of the cluster agreement in the admission ranking (0: clusters only label unreached rows).
     lr_dim : int or None
@@ -257,7 +259,7 @@ class HDL(_Choices, BaseLabeler):
                  lin_weight: float = 1.0,
                  C: float = 10.0, n_prior_iter: int = 3, n_clusters: int | None = None, max_loo: int = 128,
                  max_fit_per_class: int = 1000, lr_max_iter: int = 15, lr_warm_iter: int = 10, cg_iter: int = 20,
-                 cg_warm_iter: int = 14,
+                 cg_warm_iter: int = 10,
                  cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
                  admission: str = "class", text_weight: float | None = None, calibrate: bool = True,
                  balance: str | bool = "auto", min_lin_agreement: float = 0.6, random_state: int = 0):
@@ -319,8 +321,10 @@ class HDL(_Choices, BaseLabeler):
 
         # geometry: kNN graph on unit rows, centred rows (made on demand) for the linear expert
         self.center_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-        self.components_ = _principal_axes(X, self.lr_dim, self.random_state, mean=self.center_)
-        Xl = _LinearFeatures(X, self.center_, self.components_)
+        self.components_, centred = _principal_axes(X, self.lr_dim, self.random_state, mean=self.center_,
+                                                    keep_sample=True)
+        Xl = _LinearFeatures(X, self.center_, self.components_, centred=centred)
+        del centred
         k_need = self.k if self.k is not None else max(max(self.k_grid), self.k_default)
         g = _neighbour_graph(X, int(min(k_need, n - 1)), neighbors)
         order = _locality_order(X, self.random_state)

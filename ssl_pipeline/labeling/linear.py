@@ -160,12 +160,18 @@ class _LinearFeatures:
     """
 
     def __init__(self, X: NDArray[np.float32], mean: NDArray[np.float32], components: NDArray[np.float32] | None,
-                 cache_floats: int = 2 ** 25):
+                 cache_floats: int = 2 ** 25, centred: NDArray[np.float32] | None = None):
         self.X, self.mean, self.components = X, mean, components
         self.shape = (len(X), X.shape[1] if components is None else components.shape[1])
         # small pools (N x r <= cache_floats, 128 MB): the features are made once and kept (every tier reads
-        # them twice); large pools are projected on demand so no second copy of the embeddings is held
-        self.cache = (_project(X, mean, components) if self.shape[0] * self.shape[1] <= cache_floats else None)
+        # them twice), from ``centred`` (every row of X, centred and re-normalised) when given; large pools are
+        # projected on demand so no second copy of the embeddings is held
+        self.cache = None
+        if self.shape[0] * self.shape[1] <= cache_floats:
+            if centred is None:
+                self.cache = _project(X, mean, components)
+            else:
+                self.cache = centred if components is None else np.ascontiguousarray(centred @ components)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -182,22 +188,33 @@ class _LinearFeatures:
 
 
 def _principal_axes(X: NDArray[np.float32], r: int | None, seed: int, max_rows: int = 50_000,
-                    mean: NDArray[np.float32] | None = None) -> NDArray[np.float32] | None:
+                    mean: NDArray[np.float32] | None = None, keep_sample: bool = False):
     """The top ``r`` principal axes (D, r) of the rows of ``X`` (a sample of them; centred on ``mean`` and
-    re-normalised first when ``mean`` is given), or None if ``r >= D``."""
+    re-normalised first when ``mean`` is given), or None if ``r >= D``.
+
+    ``keep_sample``: return ``(axes, sample)``, the sample (M, D) being every row of ``X``, centred and
+    re-normalised, when ``X`` has at most ``max_rows`` rows (else None), so a caller that needs those rows too
+    does not make them twice."""
     if r is None or r >= X.shape[1]:
-        return None
+        return (None, None) if keep_sample else None
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(X), min(len(X), max_rows), replace=False))
+    every = len(X) <= max_rows
+    rows = None if every else np.sort(rng.choice(len(X), max_rows, replace=False))
     sample = _project(X, mean, None, rows=rows)
-    sample -= sample.mean(axis=0)
-    # the (D, D) scatter and its eigenvectors in float32 (divide and conquer, LAPACK syevd): the axes only save
-    # time, so their last digits do not matter (the top 256 of 512 span the float64 ones' subspace to 1e-7), and
-    # this is 4x faster than numpy's float64 eigh
+    # the (D, D) scatter about the sample mean (S^T S - M mu mu^T: the sample itself stays as it is) and its
+    # eigenvectors in float32 (divide and conquer, LAPACK syevd): the axes only save time, so their last digits
+    # do not matter (the top 256 of 512 span the float64 ones' subspace to 1e-7), and this is 4x faster than
+    # numpy's float64 eigh
     from scipy.linalg import eigh
 
-    _, vecs = eigh(sample.T @ sample, driver="evd")
-    return np.ascontiguousarray(vecs[:, ::-1][:, :r], dtype=np.float32)
+    mu = sample.mean(axis=0)
+    scatter = sample.T @ sample
+    scatter -= np.float32(len(sample)) * np.outer(mu, mu)
+    _, vecs = eigh(scatter, driver="evd")
+    axes = np.ascontiguousarray(vecs[:, ::-1][:, :r], dtype=np.float32)
+    if keep_sample:
+        return axes, (sample if every else None)
+    return axes
 
 
 def _rank_within_class(cls: NDArray[np.int64], score: NDArray) -> NDArray[np.int64]:
