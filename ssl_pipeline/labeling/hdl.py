@@ -71,13 +71,12 @@ Rules (every constant is generic; nothing is chosen per data set)
    least as modular on the kNN graph as the unbalanced one, every tier's posterior is Sinkhorn-balanced over
    the unlabeled rows (``balanced_``), so a class whose only label sits in another class's region cannot lose
    its rows to it; long-tailed classes pass neither test.
-4. **Hierarchical, class-balanced tiers.** After tier ``t`` (of ``n_tiers``) the
-   pool is rebuilt from the given labels plus, for every class, the top
-   ``t / n_tiers`` fraction of the unlabeled rows now predicted as that class,
-   by confidence. Every class admits the same *fraction* of its predicted
-   members, so a tail class is never swallowed by a head class, and tier 1
-   admits only the rows most strongly anchored to the labeled ones. The last
-   tier labels every row.
+4. **Hierarchical, class-balanced tiers.** After tier ``t`` (of ``n_tiers``; twice as many, each with half
+   the warm-started iterations, with one label per class and no text: :meth:`_tier_schedule`) the pool is
+   rebuilt from the given labels plus, for every class, the top ``t / n_tiers`` fraction of the unlabeled
+   rows now predicted as that class, by confidence. Every class admits the same *fraction* of its predicted
+   members, so a tail class is never swallowed by a head class, and tier 1 admits only the rows most
+   strongly anchored to the labeled ones. The last tier labels every row.
 5. **Dynamic revision.** Each tier refits both experts on the grown pool and
    re-predicts *every* pseudo label; a label from an earlier tier that the
    refitted experts (propagation is the neighbourhood's vote) now contradict
@@ -127,7 +126,6 @@ from sklearn.utils.validation import check_is_fitted
 from ssl_pipeline.labeling.admission import _nearest_labeled, admitted
 from ssl_pipeline.labeling.balance import _sinkhorn, classes_balanced
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
-from ssl_pipeline.labeling.baselines import NaiveTieredVote  # noqa: F401  (re-exported: its old home)
 from ssl_pipeline.labeling.calibration import match_temperature, power_rows
 from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32
 from ssl_pipeline.labeling.linear import (
@@ -138,8 +136,7 @@ from ssl_pipeline.labeling.linear import (
     _softmax_proba,
 )
 from ssl_pipeline.labeling.noise import neighbourhood_checks
-from ssl_pipeline.labeling.propagation import (  # noqa: F401
-    _affinity,
+from ssl_pipeline.labeling.propagation import (
     _balanced_posterior,
     _cluster_mean,
     _Graph,
@@ -166,7 +163,8 @@ class HDL(_Choices, BaseLabeler):
     Parameters
     ----------
     n_tiers : int
-        Number of tiers; tier ``t`` admits the top ``t / n_tiers`` of each class.
+        Number of tiers; tier ``t`` admits the top ``t / n_tiers`` of each class (doubled with one label per
+        class and no text, rule 4).
     k : int or None
         Neighbourhood size; ``None`` chooses it from the labeled data among ``k_grid``.
     k_grid : tuple of int
@@ -198,8 +196,7 @@ class HDL(_Choices, BaseLabeler):
         Conjugate-gradient iterations of the first propagation (and of the leave-one-out solves of rule 2).
     cg_warm_iter : int
         Conjugate-gradient iterations of the later tiers' propagations, warm-started from the previous tier's
-        (10 against 14: mean accuracy over the five sets x n in 1, 2, 4, 8 x seeds 0-2 the same to 0.01 pts,
-        worst cell -0.5, 4% less time).
+        (10 against 14: the same mean accuracy over the five sets, seeds 0-2, worst cell -0.5, 4% less time).
     cluster_weight : float
         Exponent of the cluster agreement in the admission ranking (0: clusters only label unreached rows).
     lr_dim : int or None
@@ -237,7 +234,7 @@ class HDL(_Choices, BaseLabeler):
     proba_ : (N, C) float32, the last tier's posterior
     tier_ : (N,) int, 0 for given labels, else the tier from which the row stayed in the pool
         (``n_tiers_`` for rows labeled only by the last tier)
-    n_tiers_ : int, tiers kept (``n_tiers`` unless a tier failed the validation of rule 5)
+    n_tiers_ : int, tiers run and kept (rule 4's count unless a tier failed the validation of rule 5)
     tier_loo_accuracy_ : list of float, each tier's leave-one-out accuracy on the labeled rows
         (empty when no class has two labels)
     noise_ : (N,) bool
@@ -355,14 +352,15 @@ class HDL(_Choices, BaseLabeler):
         self.n_clusters_ = 0
         self.lin_agreement_ = None
         self.tier_loo_accuracy_ = []
-        self.n_tiers_ = self.n_tiers
-        for t in range(1, self.n_tiers + 1):
+        n_tiers, lr_warm, cg_warm = self._tier_schedule(lab_pos, n_classes, text is not None)
+        self.n_tiers_ = n_tiers
+        for t in range(1, n_tiers + 1):
             # (a) propagation expert from the current pool, each class's seed mass normalised to 1
             mass = np.bincount(pool_pos, weights=pool_w, minlength=n_classes)
             seed_w = (pool_w / np.maximum(mass[pool_pos], 1e-30)).astype(np.float32)
             x0, Z = (None if Z is None else [Z]), None  # the warm start is handed over (and consumed)
             Z = S.solve_seeds(pool_rows, pool_pos, seed_w, n_classes, self.alpha,
-                              n_iter=self.cg_iter if x0 is None else self.cg_warm_iter, X0=x0)
+                              n_iter=self.cg_iter if x0 is None else cg_warm, X0=x0)
             del x0
             if evaluated is not None:
                 # validation by the given labels: leave-one-out correctness of this tier's propagation on the
@@ -396,10 +394,10 @@ class HDL(_Choices, BaseLabeler):
                 P_prop[unreached] = _cluster_mean(P_prop, assign, self.n_clusters_, ~unreached)[unreached]
             # (b) linear expert from the current pool (capped per class, most confident first)
             # (skipped but for the last tier, which serves predict_proba, when its weight is 0)
-            if self.lin_weight_ > 0 or t == self.n_tiers:
+            if self.lin_weight_ > 0 or t == n_tiers:
                 # one label per class (no text, not balanced): every class the same total weight (rule 3)
                 theta = _fit_pool(Xl, pool_rows, pool_pos, pool_w, n_classes, self.C, theta, self.max_fit_per_class,
-                                  self.lr_max_iter if theta is None else self.lr_warm_iter,
+                                  self.lr_max_iter if theta is None else lr_warm,
                                   equal_classes=evaluated is None and t > 1 and not self.balanced_ and P_text is None)
             # product of experts, in place: P ~ Pprop ** prop_weight * Plin ** lin_weight * Ptext ** text_weight
             P = P_prop
@@ -448,7 +446,7 @@ class HDL(_Choices, BaseLabeler):
             if assign is not None and self.cluster_weight > 0:
                 score = conf * _cluster_mean(P, assign, self.n_clusters_)[np.arange(n), pred] ** self.cluster_weight
             log.debug("tier %d: pool %d rows", t, len(pool_rows))
-            if t == self.n_tiers:
+            if t == n_tiers:
                 break
             # kept in case the next tier is undone: a float32 copy, or half the memory in float16 above 2^25
             # entries (float16 conversion is slow: 5% of a 4k x 100 fit)
@@ -459,7 +457,7 @@ class HDL(_Choices, BaseLabeler):
             # nearest labeled row, so a class's pool covers each of its labeled modes, not only its best-covered
             if self.admission == "seed" and seed_nn is None:
                 seed_nn = _nearest_labeled(X, lab_rows, unl_rows)
-            adm = admitted(pred[unl_rows], score[unl_rows], unl_rows, t / self.n_tiers, lab_pos, seed_nn)
+            adm = admitted(pred[unl_rows], score[unl_rows], unl_rows, t / n_tiers, lab_pos, seed_nn)
             newly = np.zeros(n, bool)
             newly[adm] = True
             since = np.where(newly & ~in_pool, t, np.where(newly, since, 0))

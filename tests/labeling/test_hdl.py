@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from ssl_pipeline.labeling.baselines import Prototype
-from ssl_pipeline.labeling.hdl import HDL, NaiveTieredVote
+from ssl_pipeline.labeling.baselines import NaiveTieredVote, Prototype
+from ssl_pipeline.labeling.hdl import HDL
 from ssl_pipeline.labeling.knn import knn_graph
 
 FOOD10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "clip_vitb32" / "food10.npz"
@@ -225,12 +225,12 @@ def test_tiers_are_validated_on_the_labeled_rows():
     assert all(0.0 <= a <= 1.0 for a in hdl.tier_loo_accuracy_)
     assert hdl.tier_.max() <= hdl.n_tiers_
     one = HDL(n_tiers=4).fit(X, mask_labels(y, 1, seed=8))  # nothing to leave out: no validation
-    assert one.tier_loo_accuracy_ == [] and one.n_tiers_ == 4
+    assert one.tier_loo_accuracy_ == [] and one.n_tiers_ == 8  # one label per class: twice the tiers (rule 4)
 
 
 def test_large_inputs_take_the_cache_friendly_threaded_path():
     # above 50k rows the propagation runs on locality-ordered rows, split over threads: same answers
-    from ssl_pipeline.labeling import hdl as H
+    from ssl_pipeline.labeling import propagation as H
 
     X, y, _ = blobs([300] * 4, sigma=0.8, seed=3)
     ym = mask_labels(y, 3, seed=3)
