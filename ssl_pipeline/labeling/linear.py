@@ -18,7 +18,6 @@ def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_cla
     rows = np.arange(n)
     y = np.asarray(y, np.int64)
     wv = np.asarray(w, np.float32) * C
-    w = wv[:, None]
 
     def loss_grad(theta: NDArray) -> tuple[float, NDArray]:
         # in place on one (n, C) array: scores, then probabilities, then the gradient of the scores
@@ -32,9 +31,9 @@ def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_cla
         Zs = S.sum(axis=1, dtype=np.float64)
         wt = theta[: d * n_classes]
         loss = -float(np.dot(wv, s_own - np.log(Zs))) + 0.5 * float(np.dot(wt, wt))
-        S /= Zs.astype(np.float32)[:, None]
-        S[rows, y] -= 1.0
-        S *= w
+        # gradient of the scores, w * (softmax - onehot), in one scaling pass: S * (w / Zs), then -w at the labels
+        S *= (wv / Zs).astype(np.float32)[:, None]
+        S[rows, y] -= wv
         gW = X.T @ S
         gW += W
         return loss, np.concatenate([gW.ravel(), S.sum(axis=0)]).astype(np.float64)
