@@ -67,10 +67,10 @@ Rules (every constant is generic; nothing is chosen per data set)
    class: cifar10_test500 0.733 -> 0.748, oxford_flowers 0.836 -> 0.850, caltech101 0.851 -> 0.855; at
    8 labels per class the same weighting cost caltech101 1 point, so it is not used with two labels.
    **Class balance** (:mod:`ssl_pipeline.labeling.balance`, ``balance="auto"``, no text): from the first tier
-   whose predicted class sizes are as even as Poisson noise allows, or whose Sinkhorn-balanced labeling is at
-   least as modular on the kNN graph as the unbalanced one, every tier's posterior is Sinkhorn-balanced over
-   the unlabeled rows (``balanced_``), so a class whose only label sits in another class's region cannot lose
-   its rows to it; long-tailed classes pass neither test.
+   whose predicted class sizes are as even as Poisson noise allows, whose balancing moves the class priors
+   little, or whose Sinkhorn-balanced labeling is at least as modular on the kNN graph as the unbalanced one, every
+   tier's posterior is Sinkhorn-balanced over the unlabeled rows (``balanced_``), so a class whose only label sits
+   in another class's region cannot lose its rows to it; long-tailed classes pass none of the tests.
 4. **Hierarchical, class-balanced tiers.** After tier ``t`` (of ``n_tiers``: by default 8, 5 with text;
    :meth:`_tier_schedule`, which also halves the warm L-BFGS fits with one label per class) the pool is
    rebuilt from the given labels plus, for every class, the top ``t / n_tiers`` fraction of the unlabeled

@@ -295,6 +295,28 @@ def test_class_balance_is_used_only_when_the_predicted_sizes_look_balanced():
         HDL(balance="yes").fit(X, ym)
 
 
+def test_class_balance_when_balancing_moves_the_priors_little():
+    """Uneven predicted sizes from ambiguous rows (nearly tied posteriors) pass the balance test, since the
+    Sinkhorn scales that balance them move the class priors little; the same sizes from confident rows,
+    which only large scales could move, do not."""
+    from ssl_pipeline.labeling.balance import MAX_PRIOR_SHIFT, _prior_shift, _sinkhorn_scales, classes_balanced
+
+    rng = np.random.default_rng(0)
+    n, c = 2000, 20
+    sizes = np.repeat(np.arange(c), np.linspace(40, 160, c).astype(int))[:n]
+    sizes = np.concatenate([sizes, rng.integers(0, c, n - len(sizes))])
+    idx = rng.integers(0, n, (n, 5)).astype(np.int64)  # a random graph: modularity says nothing either way
+    lab_rows, lab_pos = np.arange(c), np.arange(c)
+    unl = np.arange(c, n)
+    for margin, expect in ((10.0, True), (200.0, False)):  # shifts 0.14 and 0.99
+        P = np.full((n, c), 1.0, np.float32) + rng.uniform(0, 0.01, (n, c)).astype(np.float32)
+        P[np.arange(n), sizes] += margin  # the uneven argmax sizes, with a small or a large lead
+        P /= P.sum(axis=1, keepdims=True)
+        shift = _prior_shift(_sinkhorn_scales(P, unl))
+        assert (shift <= MAX_PRIOR_SHIFT) == expect, shift
+        assert classes_balanced(P, unl, lab_rows, lab_pos, idx) == expect
+
+
 def test_one_shot_linear_expert_is_dropped_when_it_contradicts_the_propagation():
     """With one label per class the linear expert's weight cannot be validated: it is kept when it agrees with
     the propagation on most unlabeled rows of the first tier, dropped below ``min_lin_agreement``."""
