@@ -60,12 +60,12 @@ Rules (every constant is generic; nothing is chosen per data set)
    the classes are not told apart linearly from one image each, and refitting the linear expert on the
    propagation's pseudo labels tier after tier amplifies their errors (oxford_pets, 1 label per class,
    agreement 0.49-0.54: 0.527 -> 0.571; the other sets agree on 0.67-0.84 and keep it). When it is kept
-   (one label per class, no text, classes not Sinkhorn-balanced) every class has the same total weight in its fit:
-   nothing but the pool's own pseudo labels tells the class sizes apart, and with their sizes as weights a
-   class that grows in one tier gets a larger bias in the next (the propagation expert normalises its seed
-   mass per class the same way; the class prior enters through its EM prior). Measured at 1 label per
-   class: cifar10_test500 0.733 -> 0.748, oxford_flowers 0.836 -> 0.850, caltech101 0.851 -> 0.855; at
-   8 labels per class the same weighting cost caltech101 1 point, so it is not used with two labels.
+   (one label per class, no text, classes not Sinkhorn-balanced) every class has the same total weight in its
+   fit: nothing but the pool's pseudo labels tells the class sizes apart, and with their sizes as weights a
+   class that grows in one tier gets a larger bias in the next (cifar10_test500 0.733 -> 0.748, oxford_flowers
+   0.836 -> 0.850; with two labels it cost caltech101 1 point). With two labels in some class, the given labels
+   keep at least ``label_share`` (0.2) of their class's weight in the fit however many pseudo labels join
+   (a class's labels cover its modes; the confident pseudo labels of the tiers may come from one of them).
    **Class balance** (:mod:`ssl_pipeline.labeling.balance`, ``balance="auto"``, no text): from the first tier
    whose predicted class sizes are as even as Poisson noise allows, whose balancing moves the class priors
    little, or whose Sinkhorn-balanced labeling is at least as modular on the kNN graph as the unbalanced one, every
@@ -76,7 +76,9 @@ Rules (every constant is generic; nothing is chosen per data set)
    rebuilt from the given labels plus, for every class, the top ``t / n_tiers`` fraction of the unlabeled
    rows now predicted as that class, by confidence. Every class admits the same *fraction* of its predicted
    members, so a tail class is never swallowed by a head class, and tier 1 admits only the rows most
-   strongly anchored to the labeled ones. The last tier labels every row.
+   strongly anchored to the labeled ones. The last tier labels every row. With two labels in some class the
+   propagation's seed mass of a class is shared equally by its labeled rows' *basins* (each pool row joins its
+   class's nearest labeled row), as in tier 1, so a labeled mode keeps its share as the pool grows.
 5. **Dynamic revision.** Each tier refits both experts on the grown pool and
    re-predicts *every* pseudo label; a label from an earlier tier that the
    refitted experts (propagation is the neighbourhood's vote) now contradict
@@ -121,16 +123,15 @@ import logging
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.utils.validation import check_is_fitted
 
-from ssl_pipeline.labeling.admission import _nearest_labeled, admitted
+from ssl_pipeline.labeling.admission import _nearest_labeled, admitted, basin_seed_weights
 from ssl_pipeline.labeling.balance import _sinkhorn, classes_balanced
 from ssl_pipeline.labeling.base import BaseLabeler, check_labels
 from ssl_pipeline.labeling.calibration import match_temperature, power_rows
-from ssl_pipeline.labeling.knn import KNNGraph, as_unit_float32
+from ssl_pipeline.labeling.knn import KNNGraph
 from ssl_pipeline.labeling.linear import (
-    _centre,
     _fit_pool,
+    _LinearExpertPredict,
     _LinearFeatures,
     _principal_axes,
     _softmax_proba,
@@ -152,7 +153,7 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- the estimator
-class HDL(_Choices, BaseLabeler):
+class HDL(_Choices, _LinearExpertPredict, BaseLabeler):
     """Hierarchical Dynamic Labeling: tiered, class-balanced, self-correcting pseudo-labeling.
 
     See the module docstring for the rules. Fit transductively on every row::
@@ -208,9 +209,7 @@ class HDL(_Choices, BaseLabeler):
         Groups within which a tier admits its top ``t / n_tiers``: each predicted class (default), or each
         predicted class within the basin of its nearest labeled rows (``seed``: the first of the 10 nearest
         labeled rows with that class). ``seed`` keeps every labeled mode of a multi-modal class in the pool;
-        measured on ``benchmarks/scale.py`` data it fixes labeled modes that later tiers lose, and on the real
-        CLIP embeddings of the acceptance check it is on a par overall but 2.8 points lower on CIFAR-10 at
-        4 labels per class, hence not the default.
+        it keeps multi-modal synthetic classes whole, but on real CLIP sets it cost cifar10_test500 1-3 points.
     text_weight : float or None
         Exponent of the text expert (``fit(..., text=T)``) in the product of experts; None: the sum of the
         image experts' exponents (``prop_weight`` + the chosen linear weight), so the two modalities weigh
@@ -220,6 +219,8 @@ class HDL(_Choices, BaseLabeler):
     balance : {"auto", True, False}
         Sinkhorn-balance every tier's posterior over the unlabeled rows (rule 3): ``"auto"`` from the first
         tier whose predicted class sizes look balanced, True always, False never.
+    label_share : float
+        Least share of its class's weight that the given labels keep in the linear expert's fit (rule 3).
     min_lin_agreement : float
         With one label per class, the least first-tier agreement of the linear expert with the propagation
         for the linear expert to be kept (rule 3).
@@ -259,7 +260,8 @@ class HDL(_Choices, BaseLabeler):
                  cg_warm_iter: int = 6,
                  cluster_weight: float = 0.0, lr_dim: int | None = 256, blas_threads: int | None = 1,
                  admission: str = "class", text_weight: float | None = None, calibrate: bool = True,
-                 balance: str | bool = "auto", min_lin_agreement: float = 0.6, random_state: int = 0):
+                 balance: str | bool = "auto", min_lin_agreement: float = 0.6, label_share: float = 0.2,
+                 random_state: int = 0):
         self.n_tiers = n_tiers
         self.k = k
         self.k_grid = k_grid
@@ -285,6 +287,7 @@ class HDL(_Choices, BaseLabeler):
         self.calibrate = calibrate
         self.balance = balance
         self.min_lin_agreement = min_lin_agreement
+        self.label_share = label_share
         self.random_state = random_state
 
 
@@ -353,11 +356,15 @@ class HDL(_Choices, BaseLabeler):
         self.lin_agreement_ = None
         self.tier_loo_accuracy_ = []
         n_tiers, lr_warm, cg_warm = self._tier_schedule(lab_pos, n_classes, text is not None)
+        multi = len(lab_pos) > 0 and np.bincount(lab_pos, minlength=n_classes).max() >= 2
         self.n_tiers_ = n_tiers
         for t in range(1, n_tiers + 1):
             # (a) propagation expert from the current pool, each class's seed mass normalised to 1
-            mass = np.bincount(pool_pos, weights=pool_w, minlength=n_classes)
-            seed_w = (pool_w / np.maximum(mass[pool_pos], 1e-30)).astype(np.float32)
+            if t > 1 and multi:  # every labeled row's basin the mass 1 / n_c (rule 4)
+                seed_w = basin_seed_weights(X, pool_rows, pool_pos, pool_w, len(lab_rows), n_classes)
+            else:
+                mass = np.bincount(pool_pos, weights=pool_w, minlength=n_classes)
+                seed_w = (pool_w / np.maximum(mass[pool_pos], 1e-30)).astype(np.float32)
             x0, Z = (None if Z is None else [Z]), None  # the warm start is handed over (and consumed)
             Z = S.solve_seeds(pool_rows, pool_pos, seed_w, n_classes, self.alpha,
                               n_iter=self.cg_iter if x0 is None else cg_warm, X0=x0)
@@ -398,7 +405,8 @@ class HDL(_Choices, BaseLabeler):
                 # one label per class (no text, not balanced): every class the same total weight (rule 3)
                 theta = _fit_pool(Xl, pool_rows, pool_pos, pool_w, n_classes, self.C, theta, self.max_fit_per_class,
                                   self.lr_max_iter if theta is None else lr_warm,
-                                  equal_classes=evaluated is None and t > 1 and not self.balanced_ and P_text is None)
+                                  equal_classes=evaluated is None and t > 1 and not self.balanced_ and P_text is None,
+                                  n_lab=len(lab_rows) if multi else 0, label_share=self.label_share)
             # product of experts, in place: P ~ Pprop ** prop_weight * Plin ** lin_weight * Ptext ** text_weight
             P = P_prop
             P += 1e-12
@@ -408,9 +416,8 @@ class HDL(_Choices, BaseLabeler):
             if self.lin_weight_ > 0:
                 P_lin = _softmax_proba(theta, Xl, n_classes)
                 if t == 1 and evaluated is None and P_text is None and len(unl_rows):
-                    # one label per class, no held-out row: the linear expert (fit on the labels alone here, on
-                    # the propagation's own pseudo labels later) is kept only if it agrees with the propagation
-                    # on most unlabeled rows
+                    # one label per class, no held-out row: the linear expert is kept only if it agrees with the
+                    # propagation on most unlabeled rows (rule 3)
                     self.lin_agreement_ = float((np.argmax(P_lin[unl_rows], axis=1)
                                                  == np.argmax(P[unl_rows], axis=1)).mean())
                     if self.lin_agreement_ < self.min_lin_agreement:
@@ -428,10 +435,8 @@ class HDL(_Choices, BaseLabeler):
             np.exp(P, out=P)
             P /= P.sum(axis=1, keepdims=True)
             if t == 1 or (self.balance == "auto" and not self.balanced_):
-                # with text, the class-name prior anchors every class (a misplaced seed cannot lose its class),
-                # and forced balance cost cifar10_test500 (classes of 40-57 rows) 2-3 points: "auto" is off.
-                # Tested again after every tier until it passes: the sizes of later, better labelings are
-                # better evidence (cifar10_test500, 1 label per class: 0.747 -> 0.764 over seeds 0-2)
+                # not with text: the class names anchor every class (forced balance cost cifar10_test500 2-3 points);
+                # tested again after every tier until it passes (later labelings are better evidence)
                 self.balanced_ = self.balance is True or (
                     self.balance == "auto" and P_text is None
                     and classes_balanced(P, unl_rows, lab_rows, lab_pos, g.idx[:, :self.k_]))
@@ -487,13 +492,3 @@ class HDL(_Choices, BaseLabeler):
         self.agreement_, self.noise_, same_all = neighbourhood_checks(g, self.k_, self.classes_, self.labels_)
         self.delta_k_ = float(self.k_scores_[self.k_]) if self.k_scores_ else 1.0 - same_all
         return self
-
-    # ------------------------------------------------------------ inductive use
-    def predict_proba(self, X: NDArray) -> NDArray[np.float32]:
-        """Class probabilities (M, C) for new points from the final linear expert."""
-        check_is_fitted(self, "coef_")
-        Xc = _centre(as_unit_float32(X), self.center_)
-        if self.components_ is not None:
-            Xc = np.ascontiguousarray(Xc @ self.components_)
-        theta = np.concatenate([self.coef_.ravel(), self.intercept_]).astype(np.float64)
-        return _softmax_proba(theta, Xc, len(self.classes_))

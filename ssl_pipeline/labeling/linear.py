@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
+from sklearn.utils.validation import check_is_fitted
+
+from ssl_pipeline.labeling.knn import as_unit_float32
 
 
 def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_classes: int, C: float,
@@ -43,10 +46,18 @@ def _fit_softmax(X: NDArray[np.float32], y: NDArray[np.int64], w: NDArray, n_cla
 
 
 def _fit_pool(Xl: _LinearFeatures, rows: NDArray[np.int64], pos: NDArray[np.int64], w: NDArray, n_classes: int,
-              C: float, theta0: NDArray | None, max_per_class: int, max_iter: int, equal_classes: bool = False
-              ) -> NDArray[np.float64]:
+              C: float, theta0: NDArray | None, max_per_class: int, max_iter: int, equal_classes: bool = False,
+              n_lab: int = 0, label_share: float = 0.0) -> NDArray[np.float64]:
     """:func:`_fit_softmax` on the pool ``rows`` (labels ``pos``, weights ``w``), at most ``max_per_class`` rows a
-    class (the highest weights); ``equal_classes``: rescale the weights so every class has the same total."""
+    class (the highest weights); ``equal_classes``: rescale the weights so every class has the same total.
+    ``n_lab``: the pool's first rows are the given labels; each of them weighs at least enough for a class's
+    given labels to hold ``label_share`` of the class's total weight (they are not drowned by its pseudo labels)."""
+    if n_lab and label_share > 0:
+        pseudo = np.bincount(pos[n_lab:], weights=w[n_lab:], minlength=n_classes)
+        counts = np.maximum(np.bincount(pos[:n_lab], minlength=n_classes), 1)
+        w = np.array(w, np.float32)
+        lp = pos[:n_lab]
+        w[:n_lab] = np.maximum(w[:n_lab], label_share / (1.0 - label_share) * pseudo[lp] / counts[lp])
     fit = np.flatnonzero(_rank_within_class(pos, w) < max_per_class)
     fw = w[fit]
     if equal_classes:
@@ -225,3 +236,17 @@ def _rank_within_class(cls: NDArray[np.int64], score: NDArray) -> NDArray[np.int
     rank = np.empty(len(cls), np.int64)
     rank[order] = np.arange(len(order)) - first
     return rank
+
+
+class _LinearExpertPredict:
+    """Inductive use of a fitted labeler's final linear expert (``coef_``, ``intercept_``, ``center_``,
+    ``components_``, ``classes_``): a mixin of :class:`ssl_pipeline.labeling.hdl.HDL`."""
+
+    def predict_proba(self, X: NDArray) -> NDArray[np.float32]:
+        """Class probabilities (M, C) for new points ``X`` (M, D) from the final linear expert."""
+        check_is_fitted(self, "coef_")
+        Xc = _centre(as_unit_float32(X), self.center_)
+        if self.components_ is not None:
+            Xc = np.ascontiguousarray(Xc @ self.components_)
+        theta = np.concatenate([self.coef_.ravel(), self.intercept_]).astype(np.float64)
+        return _softmax_proba(theta, Xc, len(self.classes_))

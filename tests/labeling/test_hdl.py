@@ -465,3 +465,50 @@ def test_balance_by_modularity_follows_the_graph_communities():
     lab_rows = np.array([0, 50])
     unl = np.setdiff1d(np.arange(100), lab_rows)
     assert not keeps(P, unl, lab_rows, lab_pos, idx)
+
+
+def test_basin_seed_weights_give_every_labeled_row_the_same_mass():
+    """Class 0 has two labeled modes, one of which owns most of the pool: each mode's basin still carries half
+    of the class's seed mass (as in the first tier), shared by its rows in proportion to their confidence."""
+    from ssl_pipeline.labeling.admission import basin_seed_weights
+
+    rng = np.random.default_rng(0)
+    a, b, c = np.eye(8, dtype=np.float32)[:3]
+    X = np.concatenate([a + 0.05 * rng.standard_normal((40, 8)), b + 0.05 * rng.standard_normal((5, 8)),
+                        c + 0.05 * rng.standard_normal((10, 8))]).astype(np.float32)
+    lab = np.array([0, 40, 45])  # class 0 in modes a and b, class 1 in mode c
+    pool_rows = np.concatenate([lab, np.setdiff1d(np.arange(55), lab)])
+    pool_pos = np.array([0, 0, 1] + [0] * 39 + [0] * 4 + [1] * 9)
+    pool_w = np.concatenate([np.ones(3), rng.uniform(0.5, 1.0, 52)]).astype(np.float32)
+    w = basin_seed_weights(X, pool_rows, pool_pos, pool_w, 3, 2)
+    in_a, in_b = pool_rows < 40, (pool_rows >= 40) & (pool_rows < 45)
+    assert np.isclose(w[in_a].sum(), 0.5, atol=1e-5) and np.isclose(w[in_b].sum(), 0.5, atol=1e-5)
+    assert np.isclose(w[pool_pos == 1].sum(), 1.0, atol=1e-5)
+    ra = np.flatnonzero(in_a)[3:]
+    assert np.allclose(w[ra] / pool_w[ra], w[ra[0]] / pool_w[ra[0]], rtol=1e-5)  # proportional to confidence
+
+
+def test_given_labels_keep_their_share_of_the_linear_fit():
+    """However many pseudo labels join a class, its given labels keep ``label_share`` of its weight."""
+    from ssl_pipeline.labeling import linear
+
+    seen = {}
+    orig = linear._fit_softmax
+
+    def spy(X, y, w, *args):
+        seen["w"], seen["y"] = np.array(w), np.array(y)
+        return orig(X, y, w, *args)
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 6)).astype(np.float32)
+    Xl = linear._LinearFeatures(X, X.mean(axis=0), None)
+    pos = np.array([0, 0, 1, 1] + [0] * 200 + [1] * 96)
+    w = np.concatenate([np.ones(4), np.full(296, 0.9)]).astype(np.float32)
+    linear._fit_softmax = spy
+    try:
+        linear._fit_pool(Xl, np.arange(300), pos, w, 2, 1.0, None, 1000, 3, n_lab=4, label_share=0.2)
+    finally:
+        linear._fit_softmax = orig
+    for c in (0, 1):
+        lab = seen["w"][:4][pos[:4] == c].sum()
+        assert np.isclose(lab / seen["w"][seen["y"] == c].sum(), 0.2, atol=1e-4)
