@@ -311,6 +311,8 @@ class HDL(_Choices, _LinearExpertPredict, BaseLabeler):
         n, n_classes = len(X), len(classes)
         if n < 2:
             raise ValueError("HDL needs at least 2 rows")
+        if not 0.0 <= self.label_share < 1.0:
+            raise ValueError(f"label_share must be in [0, 1), got {self.label_share}")
         if self.n_tiers is not None and self.n_tiers < 1:
             raise ValueError(f"n_tiers must be >= 1, got {self.n_tiers}")
         self.classes_ = classes

@@ -512,3 +512,5 @@ def test_given_labels_keep_their_share_of_the_linear_fit():
     for c in (0, 1):
         lab = seen["w"][:4][pos[:4] == c].sum()
         assert np.isclose(lab / seen["w"][seen["y"] == c].sum(), 0.2, atol=1e-4)
+    with pytest.raises(ValueError, match="label_share"):
+        HDL(label_share=1.0).fit(X, np.where(np.arange(300) < 4, pos, -1))
